@@ -1,0 +1,206 @@
+"""Settings from ``UNKEY_METALD_*`` variables and an optional env file.
+
+Validated once at start (``load_settings``); an invalid value stops metald with
+a message naming the variable. Everything else receives the validated object.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "UNKEY_METALD_"
+DEFAULT_ENV_FILE = "/etc/metald/metald.env"
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", case_sensitive=False
+    )
+
+    # --- API -----------------------------------------------------------------
+    backend: Literal["auto", "qemu", "firecracker"] = Field(
+        "auto", description="VMM backend; auto picks firecracker when usable, else qemu"
+    )
+    port: int = Field(8080, ge=1, le=65535, description="RPC API port")
+    address: str = Field("127.0.0.1", description="RPC API bind address")
+    allow_insecure_bind: bool = Field(
+        False,
+        description="Allow a non-loopback API address while TLS is disabled",
+    )
+    max_request_bytes: int = Field(
+        1 << 20, ge=1024, le=64 << 20, description="Largest accepted request body"
+    )
+    data_dir: Path = Field(Path("/opt/metald/data"), description="SQLite state directory")
+    run_dir: Path = Field(
+        Path("/run/metald"), description="Per-VM sockets, console logs and runtime files"
+    )
+    image_dir: Path = Field(
+        Path("/opt/metald/images"),
+        description="Bundled guest image (vmlinuz, initramfs.cpio.gz, rootfs.ext4)",
+    )
+    asset_dirs: str = Field(
+        "",
+        description="Colon-separated directories VM kernels, initrds and drives may "
+        "come from (the image dir is always allowed)",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace_seconds: float = Field(
+        10.0, ge=0, le=600, description="How long SIGTERM waits for in-flight requests"
+    )
+    host_max_memory_fraction: float = Field(
+        0.9, gt=0, le=1.0, description="Share of host memory VMs may be given in total"
+    )
+
+    # --- QEMU backend --------------------------------------------------------
+    qemu_binary: str = Field("qemu-system-x86_64", description="QEMU executable")
+    qemu_accel: Literal["auto", "kvm", "tcg"] = Field(
+        "auto", description="auto uses KVM only after a test boot succeeds"
+    )
+    console_log_max_bytes: int = Field(
+        1 << 20, ge=4096, description="Cap of each VM's console log file"
+    )
+
+    # --- Firecracker backend -------------------------------------------------
+    firecracker_binary: str = Field(
+        "/usr/local/bin/firecracker", description="Firecracker executable"
+    )
+    firecracker_jailer_binary: str = Field(
+        "/usr/local/bin/jailer", description="Firecracker's own jailer executable"
+    )
+
+    # --- Network -------------------------------------------------------------
+    network_enabled: bool = Field(True, description="Give each VM a namespace, IP and NAT")
+    network_bridge: str = Field("br-vms", max_length=15, description="Host bridge name")
+    network_bridge_ipv4: str = Field("10.100.0.1/16", description="Bridge address/prefix")
+    network_vm_subnet_ipv4: str = Field("10.100.0.0/16", description="Pool VM IPs come from")
+    network_dns_servers: str = Field(
+        "", description="Comma-separated DNS servers handed to guests"
+    )
+    network_ipv6_enabled: bool = Field(False, description="IPv6 for VMs (not yet supported)")
+    network_port_range: str = Field(
+        "32768-40959", description="Host ports VM port forwards are allocated from"
+    )
+    network_allow_vm_to_vm: bool = Field(False, description="Let VMs reach each other")
+    network_allow_vm_to_host: bool = Field(
+        False, description="Let VMs reach metald's own ports on the host"
+    )
+
+    # --- Jailer --------------------------------------------------------------
+    jailer_enabled: bool = Field(True, description="Run each VMM inside metald's jailer")
+    jailer_uid: int = Field(1000, ge=0, le=2**31, description="uid the VMM drops to")
+    jailer_gid: int = Field(1000, ge=0, le=2**31, description="gid the VMM drops to")
+    jailer_chroot_dir: Path = Field(Path("/srv/jailer"), description="Jail root directory")
+    jailer_memory_limit: int = Field(
+        134217728, ge=0, description="Extra memory (bytes) a VMM may use beyond the guest's"
+    )
+    jailer_cpu_quota: int = Field(
+        100, ge=0, description="Extra CPU percent a VMM may use beyond its vCPUs"
+    )
+    jailer_fd_limit: int = Field(1024, ge=64, le=1 << 20, description="RLIMIT_NOFILE of VMMs")
+
+    # --- Observability -------------------------------------------------------
+    otel_enabled: bool = Field(False, description="OpenTelemetry traces and metrics")
+    otel_service_name: str = Field("metald", description="Service name in traces")
+    otel_endpoint: str = Field("localhost:4318", description="OTLP/HTTP collector")
+    otel_sampling_rate: float = Field(1.0, ge=0, le=1, description="Trace sampling ratio")
+    otel_prometheus_port: int = Field(9464, ge=1, le=65535, description="/metrics port")
+    otel_prometheus_address: str = Field("127.0.0.1", description="/metrics bind address")
+    metrics_per_vm_labels: bool = Field(
+        False, description="Per-VM labels on metrics (high cardinality)"
+    )
+
+    # --- Security ------------------------------------------------------------
+    tls_mode: Literal["disabled", "file", "spiffe"] = Field(
+        "disabled", description="Transport security of the API"
+    )
+
+    @field_validator("network_bridge_ipv4")
+    @classmethod
+    def _check_iface(cls, value: str) -> str:
+        ipaddress.ip_interface(value)
+        return value
+
+    @field_validator("network_vm_subnet_ipv4")
+    @classmethod
+    def _check_net(cls, value: str) -> str:
+        ipaddress.ip_network(value, strict=True)
+        return value
+
+    @field_validator("network_port_range")
+    @classmethod
+    def _check_range(cls, value: str) -> str:
+        low, _, high = value.partition("-")
+        lo, hi = int(low), int(high)
+        if not 1 <= lo <= hi <= 65535:
+            raise ValueError("must be LOW-HIGH within 1-65535")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> Settings:
+        bridge = ipaddress.ip_interface(self.network_bridge_ipv4)
+        subnet = ipaddress.ip_network(self.network_vm_subnet_ipv4)
+        if bridge.ip not in subnet:
+            raise ValueError(
+                "UNKEY_METALD_NETWORK_BRIDGE_IPV4 must lie inside "
+                "UNKEY_METALD_NETWORK_VM_SUBNET_IPV4"
+            )
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "metald.db"
+
+    @property
+    def port_range(self) -> tuple[int, int]:
+        low, _, high = self.network_port_range.partition("-")
+        return int(low), int(high)
+
+    @property
+    def allowed_asset_dirs(self) -> list[Path]:
+        dirs = [self.image_dir]
+        dirs += [Path(p) for p in self.asset_dirs.split(":") if p]
+        return dirs
+
+
+def _read_env_file(path: str) -> dict[str, str]:
+    values: dict[str, str] = {}
+    file = Path(path)
+    if not file.is_file():
+        return values
+    for raw in file.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        values[key.strip()] = value.strip().strip('"').strip("'")
+    return values
+
+
+def load_settings(env_file: str | None = None, **overrides: object) -> Settings:
+    """Build the settings from the env file then the environment (which wins).
+
+    Raises ConfigError naming the offending ``UNKEY_METALD_*`` variable.
+    """
+    path = env_file or os.environ.get("METALD_ENV_FILE", DEFAULT_ENV_FILE)
+    merged = {k: v for k, v in _read_env_file(path).items() if k.startswith(ENV_PREFIX)}
+    for key, value in list(merged.items()):
+        os.environ.setdefault(key, value)
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"])
+            var = ENV_PREFIX + name.upper() if name else "configuration"
+            problems.append(f"{var}: {err['msg']}")
+        raise ConfigError("; ".join(problems)) from None
