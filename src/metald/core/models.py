@@ -110,3 +110,18 @@ class NicRequest:
     rx_rate_limit: RateLimit | None = None
     tx_rate_limit: RateLimit | None = None
     options: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class VmDraft:
+    """A validated CreateVm request in core terms (paths resolved, defaults applied)."""
+
+    vcpu_count: int
+    memory_bytes: int
+    kernel_path: Path
+    initrd_path: Path | None
+    kernel_args: str  # the caller's (or the image's default) args, before metald adds its own
+    drives: tuple[Drive, ...]
+    nic: NicRequest | None  # None: no NIC requested (network still set up if enabled)
+    console_enabled: bool = True
+    metadata: tuple[tuple[str, str], ...] = ()

@@ -28,6 +28,7 @@ MIGRATIONS: list[str] = [
         customer_id TEXT NOT NULL DEFAULT '',
         state INTEGER NOT NULL,
         config BLOB NOT NULL,
+        spec TEXT NOT NULL DEFAULT '{}',
         backend TEXT NOT NULL DEFAULT '',
         handle TEXT NOT NULL DEFAULT '{}',
         network TEXT NOT NULL DEFAULT '{}',
@@ -78,6 +79,7 @@ class VmRow:
     customer_id: str
     state: int
     config: bytes  # serialized VmConfig protobuf
+    spec: dict[str, Any]  # the validated VmDraft (see metald.core.specs)
     backend: str
     handle: dict[str, Any]
     network: dict[str, Any]
@@ -106,7 +108,7 @@ class AddressTaken(Exception):
 
 
 _VM_COLUMNS = (
-    "seq, vm_id, customer_id, state, config, backend, handle, network, status, "
+    "seq, vm_id, customer_id, state, config, spec, backend, handle, network, status, "
     "vcpu_count, memory_bytes, metadata, created_at, modified_at"
 )
 
@@ -118,15 +120,16 @@ def _row_to_vm(row: Sequence[Any]) -> VmRow:
         customer_id=row[2],
         state=row[3],
         config=row[4],
-        backend=row[5],
-        handle=json.loads(row[6]),
-        network=json.loads(row[7]),
-        status=json.loads(row[8]),
-        vcpu_count=row[9],
-        memory_bytes=row[10],
-        metadata=json.loads(row[11]),
-        created_at=row[12],
-        modified_at=row[13],
+        spec=json.loads(row[5]),
+        backend=row[6],
+        handle=json.loads(row[7]),
+        network=json.loads(row[8]),
+        status=json.loads(row[9]),
+        vcpu_count=row[10],
+        memory_bytes=row[11],
+        metadata=json.loads(row[12]),
+        created_at=row[13],
+        modified_at=row[14],
     )
 
 
@@ -183,6 +186,7 @@ class Store:
         customer_id: str,
         state: int,
         config: bytes,
+        spec: dict[str, Any],
         backend: str,
         vcpu_count: int,
         memory_bytes: int,
@@ -193,14 +197,15 @@ class Store:
         try:
             with self._tx() as db:
                 db.execute(
-                    "INSERT INTO vms (vm_id, customer_id, state, config, backend, network,"
+                    "INSERT INTO vms (vm_id, customer_id, state, config, spec, backend, network,"
                     " vcpu_count, memory_bytes, metadata, created_at, modified_at)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         vm_id,
                         customer_id,
                         state,
                         config,
+                        json.dumps(spec),
                         backend,
                         json.dumps(network or {}),
                         vcpu_count,

@@ -1,0 +1,103 @@
+"""Core values to protobuf messages."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+from metald.core.engine import VmView
+from metald.core.errors import InvalidArgument
+from metald.core.models import VmMetrics
+from metald.gen.metal.vmprovisioner.v1 import vm_pb2 as pb
+from metald.store.sqlite import VmRow
+
+
+def vm_info(row: VmRow) -> pb.VmInfo:
+    return pb.VmInfo(
+        vm_id=row.vm_id,
+        state=row.state,  # type: ignore[arg-type]
+        vcpu_count=row.vcpu_count,
+        memory_size_bytes=row.memory_bytes,
+        created_timestamp=row.created_at,
+        modified_timestamp=row.modified_at,
+        metadata=row.metadata,
+        customer_id=row.customer_id,
+    )
+
+
+def metrics(m: VmMetrics) -> pb.VmMetrics:
+    return pb.VmMetrics(
+        cpu_usage_percent=m.cpu_usage_percent,
+        memory_usage_bytes=m.memory_usage_bytes,
+        network_stats=pb.NetworkStats(
+            bytes_received=m.net_rx_bytes,
+            bytes_transmitted=m.net_tx_bytes,
+            packets_received=m.net_rx_packets,
+            packets_transmitted=m.net_tx_packets,
+        ),
+        storage_stats=pb.StorageStats(
+            bytes_read=m.block_read_bytes,
+            bytes_written=m.block_write_bytes,
+            read_operations=m.block_read_ops,
+            write_operations=m.block_write_ops,
+        ),
+        uptime_seconds=m.uptime_seconds,
+    )
+
+
+def vm_info_response(view: VmView) -> pb.GetVmInfoResponse:
+    config = pb.VmConfig()
+    config.ParseFromString(view.row.config)
+    response = pb.GetVmInfoResponse(
+        vm_id=view.row.vm_id,
+        config=config,
+        state=view.row.state,  # type: ignore[arg-type]
+        metrics=metrics(view.metrics),
+        backend_info=view.backend_info,
+    )
+    net = view.network
+    if net is not None:
+        response.network_info.CopyFrom(
+            pb.VmNetworkInfo(
+                ip_address=net.ip,
+                mac_address=net.mac,
+                tap_device=net.tap,
+                network_namespace=net.namespace,
+                gateway=net.gateway,
+                dns_servers=list(net.dns_servers),
+                port_mappings=[
+                    pb.PortMapping(
+                        container_port=p.guest_port, host_port=p.host_port, protocol=p.protocol
+                    )
+                    for p in net.port_forwards
+                ],
+            )
+        )
+    return response
+
+
+def _filter_key(states: list[int], scope: str) -> str:
+    return hashlib.sha256(json.dumps([states, scope]).encode()).hexdigest()[:12]
+
+
+def encode_page_token(after_seq: int, states: list[int], scope: str) -> str:
+    """Opaque to clients: the position and a fingerprint of the filter it belongs to."""
+    raw = json.dumps({"a": after_seq, "f": _filter_key(states, scope)}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str, states: list[int], scope: str) -> int:
+    if not token:
+        return 0
+    if len(token) > 256:
+        raise InvalidArgument("page_token", "is not a token returned by ListVms")
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        after = int(data["a"])
+        key = data["f"]
+    except Exception:
+        raise InvalidArgument("page_token", "is not a token returned by ListVms") from None
+    if key != _filter_key(states, scope) or after < 0:
+        raise InvalidArgument("page_token", "belongs to a different state_filter")
+    return after

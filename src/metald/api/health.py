@@ -1,0 +1,41 @@
+"""``GET /_/health`` and ``GET /health``: JSON status with per-component checks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from metald import __version__
+
+Check = Callable[[], Awaitable[tuple[bool, str]]]
+
+
+class Health:
+    def __init__(self, checks: dict[str, Check], backend_name: str) -> None:
+        self.checks = checks
+        self.backend_name = backend_name
+        self.started = time.monotonic()
+
+    async def report(self) -> tuple[int, dict[str, Any]]:
+        results: dict[str, dict[str, Any]] = {}
+
+        async def run(name: str, check: Check) -> None:
+            try:
+                ok, detail = await asyncio.wait_for(check(), timeout=2.0)
+            except Exception as exc:  # a failing check is a finding, not a crash
+                ok, detail = False, f"{type(exc).__name__}: {exc}"
+            results[name] = {"ok": ok, "detail": detail}
+
+        await asyncio.gather(*(run(n, c) for n, c in self.checks.items()))
+        healthy = all(r["ok"] for r in results.values())
+        body = {
+            "status": "ok" if healthy else "unhealthy",
+            "service": "metald",
+            "version": __version__,
+            "uptime_seconds": int(time.monotonic() - self.started),
+            "backend": self.backend_name,
+            "checks": dict(sorted(results.items())),
+        }
+        return (200 if healthy else 503), body

@@ -1,0 +1,130 @@
+"""The VmService RPC handlers: protocol <-> core. No business logic lives here."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from connectrpc.request import RequestContext
+
+from metald.api import convert, validate
+from metald.api.errors import to_connect
+from metald.config import Settings
+from metald.core.engine import VmEngine
+from metald.gen.metal.vmprovisioner.v1 import vm_pb2 as pb
+
+T = TypeVar("T")
+
+
+async def _guard(call: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await call()
+    except Exception as exc:
+        raise to_connect(exc) from exc
+
+
+class VmServiceImpl:
+    def __init__(self, engine: VmEngine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+
+    async def create_vm(
+        self, request: pb.CreateVmRequest, ctx: RequestContext[Any, Any]
+    ) -> pb.CreateVmResponse:
+        async def call() -> pb.CreateVmResponse:
+            vm_id = validate.new_vm_id(request.vm_id)
+            customer = validate.customer_id(request.customer_id)
+            draft = validate.vm_config(request.config, self.settings, request.HasField("config"))
+            row = await self.engine.create(
+                vm_id, customer, draft, request.config.SerializeToString(deterministic=True)
+            )
+            return pb.CreateVmResponse(vm_id=row.vm_id, state=row.state)  # type: ignore[arg-type]
+
+        return await _guard(call)
+
+    async def delete_vm(
+        self, request: pb.DeleteVmRequest, ctx: RequestContext[Any, Any]
+    ) -> pb.DeleteVmResponse:
+        async def call() -> pb.DeleteVmResponse:
+            await self.engine.delete(validate.vm_id(request.vm_id), request.force)
+            return pb.DeleteVmResponse(success=True)
+
+        return await _guard(call)
+
+    async def boot_vm(
+        self, request: pb.BootVmRequest, ctx: RequestContext[Any, Any]
+    ) -> pb.BootVmResponse:
+        async def call() -> pb.BootVmResponse:
+            state = await self.engine.boot(validate.vm_id(request.vm_id))
+            return pb.BootVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
+
+        return await _guard(call)
+
+    async def shutdown_vm(
+        self, request: pb.ShutdownVmRequest, ctx: RequestContext[Any, Any]
+    ) -> pb.ShutdownVmResponse:
+        async def call() -> pb.ShutdownVmResponse:
+            vm_id = validate.vm_id(request.vm_id)
+            timeout = validate.shutdown_timeout(request.timeout_seconds)
+            state = await self.engine.shutdown(vm_id, request.force, timeout)
+            return pb.ShutdownVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
+
+        return await _guard(call)
+
+    async def pause_vm(
+        self, request: pb.PauseVmRequest, ctx: RequestContext[Any, Any]
+    ) -> pb.PauseVmResponse:
+        async def call() -> pb.PauseVmResponse:
+            state = await self.engine.pause(validate.vm_id(request.vm_id))
+            return pb.PauseVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
+
+        return await _guard(call)
+
+    async def resume_vm(
+        self, request: pb.ResumeVmRequest, ctx: RequestContext[Any, Any]
+    ) -> pb.ResumeVmResponse:
+        async def call() -> pb.ResumeVmResponse:
+            state = await self.engine.resume(validate.vm_id(request.vm_id))
+            return pb.ResumeVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
+
+        return await _guard(call)
+
+    async def reboot_vm(
+        self, request: pb.RebootVmRequest, ctx: RequestContext[Any, Any]
+    ) -> pb.RebootVmResponse:
+        async def call() -> pb.RebootVmResponse:
+            state = await self.engine.reboot(validate.vm_id(request.vm_id), request.force)
+            return pb.RebootVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
+
+        return await _guard(call)
+
+    async def get_vm_info(
+        self, request: pb.GetVmInfoRequest, ctx: RequestContext[Any, Any]
+    ) -> pb.GetVmInfoResponse:
+        async def call() -> pb.GetVmInfoResponse:
+            view = await self.engine.get(validate.vm_id(request.vm_id))
+            return convert.vm_info_response(view)
+
+        return await _guard(call)
+
+    async def list_vms(
+        self, request: pb.ListVmsRequest, ctx: RequestContext[Any, Any]
+    ) -> pb.ListVmsResponse:
+        async def call() -> pb.ListVmsResponse:
+            states = validate.state_filter(list(request.state_filter))
+            size = validate.page_size(request.page_size)
+            scope = ""
+            after = convert.decode_page_token(request.page_token, states, scope)
+            page = self.engine.list(states, size, after)
+            token = (
+                convert.encode_page_token(page.last_seq, states, scope)
+                if page.last_seq is not None
+                else ""
+            )
+            return pb.ListVmsResponse(
+                vms=[convert.vm_info(r) for r in page.rows],
+                next_page_token=token,
+                total_count=page.total,
+            )
+
+        return await _guard(call)

@@ -1,0 +1,48 @@
+"""Choosing the VMM backend from the settings."""
+
+from __future__ import annotations
+
+import logging
+
+from metald.config import Settings
+from metald.core.errors import Unavailable
+from metald.core.ports import Backend
+
+log = logging.getLogger(__name__)
+
+
+def _qemu(settings: Settings) -> Backend:
+    from metald.backends.qemu.backend import QemuBackend
+
+    return QemuBackend(settings)
+
+
+def _firecracker(settings: Settings) -> Backend:
+    from metald.backends.firecracker.backend import FirecrackerBackend
+
+    return FirecrackerBackend(settings)
+
+
+async def make_backend(settings: Settings) -> Backend:
+    """The configured backend; with ``auto``, Firecracker when usable, else QEMU.
+
+    Raises Unavailable with what is missing when an explicitly chosen backend
+    cannot run on this host.
+    """
+    if settings.backend == "auto":
+        firecracker = _firecracker(settings)
+        ok, detail = await firecracker.ping()
+        if ok:
+            log.info("backend: firecracker (auto)")
+            return firecracker
+        log.info("backend: qemu (auto; firecracker not usable: %s)", detail)
+        chosen = _qemu(settings)
+    elif settings.backend == "firecracker":
+        chosen = _firecracker(settings)
+    else:
+        chosen = _qemu(settings)
+    ok, detail = await chosen.ping()
+    if not ok:
+        raise Unavailable(f"backend {chosen.name} cannot run on this host: {detail}")
+    log.info("backend: %s", chosen.name)
+    return chosen

@@ -1,0 +1,90 @@
+"""A fake VMM backend for unit tests of the engine and API logic.
+
+It records calls and keeps VM states in memory; it never starts a process.
+Real-VMM behaviour is covered by the QEMU end-to-end tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metald.core.errors import BackendError, InvalidArgument
+from metald.core.models import BootSpec, VmMetrics
+from metald.core.ports import ExitCallback
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.running: dict[str, str] = {}  # vm_id -> "running" | "paused"
+        self.fail: set[str] = set()  # operation names that raise BackendError
+        self.adoptable: set[str] = set()
+        self.callback: ExitCallback | None = None
+
+    def set_exit_callback(self, callback: ExitCallback) -> None:
+        self.callback = callback
+
+    def _call(self, op: str, vm_id: str) -> None:
+        self.calls.append((op, vm_id))
+        if op in self.fail:
+            raise BackendError(f"fake {op} failure")
+
+    async def ping(self) -> tuple[bool, str]:
+        return True, "fake"
+
+    async def validate(self, spec: BootSpec) -> None:
+        if spec.vcpu_count > 32:
+            raise InvalidArgument("config.cpu.vcpu_count", "fake limit")
+
+    async def boot(self, spec: BootSpec) -> dict[str, Any]:
+        self._call("boot", spec.vm_id)
+        self.running[spec.vm_id] = "running"
+        return {"pid": 1, "fake": True}
+
+    async def adopt(self, spec: BootSpec, handle: dict[str, Any]) -> bool:
+        self.calls.append(("adopt", spec.vm_id))
+        if spec.vm_id in self.adoptable:
+            self.running[spec.vm_id] = "running"
+            return True
+        return False
+
+    async def pause(self, vm_id: str) -> None:
+        self._call("pause", vm_id)
+        self.running[vm_id] = "paused"
+
+    async def resume(self, vm_id: str) -> None:
+        self._call("resume", vm_id)
+        self.running[vm_id] = "running"
+
+    async def shutdown(self, vm_id: str, force: bool, timeout_s: float) -> str:
+        self._call("shutdown", vm_id)
+        self.running.pop(vm_id, None)
+        return "killed" if force else "guest poweroff"
+
+    async def reboot(self, spec: BootSpec, force: bool) -> dict[str, Any]:
+        self._call("reboot", spec.vm_id)
+        return {"pid": 2, "fake": True}
+
+    async def cleanup(self, vm_id: str) -> None:
+        self._call("cleanup", vm_id)
+        self.running.pop(vm_id, None)
+
+    def is_running(self, vm_id: str) -> bool:
+        return vm_id in self.running
+
+    async def info(self, vm_id: str) -> dict[str, str]:
+        return {"backend": "fake", "status": self.running.get(vm_id, "stopped")}
+
+    async def metrics(self, vm_id: str) -> VmMetrics:
+        return VmMetrics(measured=True, cpu_usage_percent=1.5, memory_usage_bytes=4096, uptime_seconds=3)
+
+    async def close(self) -> None:
+        pass
+
+    def crash(self, vm_id: str, reason: str = "killed by signal SIGKILL") -> None:
+        """Simulate a VMM dying on its own."""
+        self.running.pop(vm_id, None)
+        assert self.callback is not None
+        self.callback(vm_id, reason)

@@ -1,0 +1,107 @@
+"""Run the real ASGI app over HTTP (hypercorn, HTTP/1.1 + h2c) in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+
+from metald.api.app import MetaldApp
+from metald.api.health import Health
+from metald.api.service import VmServiceImpl
+from metald.config import Settings
+from metald.core.engine import VmEngine
+from metald.store.sqlite import Store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    port: int
+    engine: VmEngine
+    store: Store
+    backend: Any
+    loop: asyncio.AbstractEventLoop
+
+    def call(self, coro: Any) -> Any:
+        """Run a coroutine on the server's loop (e.g. to poke the engine)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+
+def test_settings(tmp: Path, **overrides: Any) -> Settings:
+    image = tmp / "image"
+    image.mkdir(exist_ok=True)
+    for name in ("vmlinuz", "initramfs.cpio.gz", "rootfs.ext4"):
+        (image / name).write_bytes(b"x")
+    (image / "cmdline").write_text("console=ttyS0\n")
+    values: dict[str, Any] = {
+        "data_dir": tmp / "data",
+        "run_dir": tmp / "run",
+        "image_dir": image,
+        "network_enabled": False,
+        "jailer_enabled": False,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextmanager
+def serve_in_thread(settings: Settings, backend: Any, network: Any = None) -> Iterator[RunningServer]:
+    loop = asyncio.new_event_loop()
+    store = Store(settings.db_path)
+    stop = asyncio.Event()
+    port = free_port()
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def main() -> None:
+        engine = VmEngine(settings, store, backend, network)
+        holder["engine"] = engine
+        await engine.start()
+
+        async def store_check() -> tuple[bool, str]:
+            return True, "ok"
+
+        app = MetaldApp(
+            VmServiceImpl(engine, settings),
+            Health({"store": store_check, "backend": backend.ping}, backend.name),
+            settings.max_request_bytes,
+        )
+        config = Config()
+        config.bind = [f"127.0.0.1:{port}"]
+        config.accesslog = None
+        config.graceful_timeout = 1
+        task = asyncio.ensure_future(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+        for _ in range(200):
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.02)
+        ready.set()
+        await task
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
+    thread.start()
+    assert ready.wait(20), "server did not start"
+    try:
+        yield RunningServer(f"http://127.0.0.1:{port}", port, holder["engine"], store, backend, loop)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        store.close()
