@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     firecracker_jailer_binary: str = Field(
         "/usr/local/bin/jailer", description="Firecracker's own jailer executable"
     )
+    firecracker_use_own_jailer: bool = Field(False, description="Start Firecracker via its own jailer")
 
     # --- Network -------------------------------------------------------------
     network_enabled: bool = Field(True, description="Give each VM a namespace, IP and NAT")
@@ -172,31 +173,14 @@ class Settings(BaseSettings):
         return dirs
 
 
-def _read_env_file(path: str) -> dict[str, str]:
-    values: dict[str, str] = {}
-    file = Path(path)
-    if not file.is_file():
-        return values
-    for raw in file.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        values[key.strip()] = value.strip().strip('"').strip("'")
-    return values
-
-
 def load_settings(env_file: str | None = None, **overrides: object) -> Settings:
     """Build the settings from the env file then the environment (which wins).
 
     Raises ConfigError naming the offending ``UNKEY_METALD_*`` variable.
     """
     path = env_file or os.environ.get("METALD_ENV_FILE", DEFAULT_ENV_FILE)
-    merged = {k: v for k, v in _read_env_file(path).items() if k.startswith(ENV_PREFIX)}
-    for key, value in list(merged.items()):
-        os.environ.setdefault(key, value)
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(_env_file=path if Path(path).is_file() else None, **overrides)  # type: ignore[arg-type,call-arg]
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

@@ -42,7 +42,7 @@ class RunningServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
 
-def test_settings(tmp: Path, **overrides: Any) -> Settings:
+def make_settings(tmp: Path, **overrides: Any) -> Settings:
     image = tmp / "image"
     image.mkdir(exist_ok=True)
     for name in ("vmlinuz", "initramfs.cpio.gz", "rootfs.ext4"):

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+IMAGE_DIR = Path(os.environ.get("UNKEY_METALD_IMAGE_DIR", ROOT / "build" / "image"))
+
+
+def isolated() -> bool:
+    """True inside tests/isolated.sh's private network and mount namespace."""
+    return os.environ.get("METALD_ISOLATED") == "1" and os.geteuid() == 0
+
+
+@pytest.fixture
+def require_isolated() -> None:
+    if not isolated():
+        pytest.skip("needs root inside tests/isolated.sh (private network namespace)")
+
+
+@pytest.fixture
+def require_image() -> Path:
+    if not (IMAGE_DIR / "vmlinuz").is_file() or not (IMAGE_DIR / "initramfs.cpio.gz").is_file():
+        pytest.skip(f"guest image missing in {IMAGE_DIR}: run `make image`")
+    return IMAGE_DIR
