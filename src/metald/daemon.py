@@ -31,18 +31,23 @@ class Daemon:
     app: MetaldApp
 
 
-def _check_bind(settings: Settings) -> None:
+def bind_address(settings: Settings) -> str:
+    """The address to serve on: with TLS disabled, loopback unless explicitly allowed."""
     try:
         loopback = ipaddress.ip_address(settings.address).is_loopback
     except ValueError:
         loopback = settings.address == "localhost"
-    if settings.tls_mode == "disabled" and not loopback:
-        if not settings.allow_insecure_bind:
-            raise SystemExit(
-                f"refusing to serve plaintext on {settings.address}: TLS is disabled. "
-                "Set UNKEY_METALD_TLS_MODE or UNKEY_METALD_ALLOW_INSECURE_BIND=true"
-            )
+    if settings.tls_mode != "disabled" or loopback:
+        return settings.address
+    if settings.allow_insecure_bind:
         log.warning("serving the API WITHOUT TLS on %s (allowed by configuration)", settings.address)
+        return settings.address
+    log.warning(
+        "TLS is disabled: binding the API to 127.0.0.1 instead of %s; set "
+        "UNKEY_METALD_TLS_MODE, or UNKEY_METALD_ALLOW_INSECURE_BIND=true to serve plaintext there",
+        settings.address,
+    )
+    return "127.0.0.1"
 
 
 async def build(settings: Settings) -> Daemon:
@@ -68,7 +73,7 @@ async def build(settings: Settings) -> Daemon:
 
 
 async def run(settings: Settings) -> None:
-    _check_bind(settings)
+    address = bind_address(settings)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     daemon = await build(settings)
     report = await daemon.engine.start()
@@ -78,9 +83,10 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
 
     config = HypercornConfig()
-    host = f"[{settings.address}]" if ":" in settings.address else settings.address
+    host = f"[{address}]" if ":" in address else address
     config.bind = [f"{host}:{settings.port}"]
     config.graceful_timeout = settings.shutdown_grace_seconds
     config.accesslog = None

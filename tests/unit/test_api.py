@@ -17,7 +17,7 @@ import pytest
 from metald.gen.metal.vmprovisioner.v1 import vm_pb2 as pb
 from tests.support.clients import CLIENTS, RpcFailed, small_config
 from tests.support.fakes import FakeBackend
-from tests.support.server import RunningServer, serve_in_thread, make_settings
+from tests.support.server import RunningServer, make_settings, serve_in_thread
 
 S = pb  # enum values live on the module
 

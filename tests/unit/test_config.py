@@ -57,10 +57,20 @@ def test_config_command(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.
     assert "UNKEY_METALD_PORT=8181" in capsys.readouterr().out
 
 
-def test_config_command_rejects_bad_value(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_command_rejects_bad_value(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("UNKEY_METALD_ADDRESS", "0.0.0.0")
     monkeypatch.setenv("UNKEY_METALD_JAILER_FD_LIMIT", "3")
     with pytest.raises(SystemExit) as info:
         main(["config"])
     assert info.value.code == 2
     assert "UNKEY_METALD_JAILER_FD_LIMIT" in capsys.readouterr().err
+
+
+def test_env_template_and_docs_are_current(capsys: pytest.CaptureFixture[str]) -> None:
+    root = Path(__file__).resolve().parents[2]
+    main(["config", "--template"])
+    assert capsys.readouterr().out == (root / "deploy" / "metald.env").read_text()
+    main(["config", "--markdown"])
+    assert capsys.readouterr().out == (root / "docs" / "config.md").read_text()
