@@ -88,3 +88,78 @@ class FakeBackend:
         self.running.pop(vm_id, None)
         assert self.callback is not None
         self.callback(vm_id, reason)
+
+
+class FakeNetwork:
+    """In-memory stand-in for metald.network for API logic tests (no root).
+
+    Addresses come from a counter; the real IPAM, devices and rules are tested
+    in tests/integration and tests/e2e.
+    """
+
+    def __init__(self) -> None:
+        from metald.core.models import NetworkAllocation, PortForward
+
+        self._alloc_type = NetworkAllocation
+        self._pf = PortForward
+        self.allocs: dict[str, NetworkAllocation] = {}
+        self.next = 2
+
+    async def setup_host(self) -> None:
+        pass
+
+    async def teardown_host(self) -> None:
+        pass
+
+    async def allocate(self, vm_id: str, nic: Any) -> Any:
+        if vm_id in self.allocs:
+            return self.allocs[vm_id]
+        ip = (nic.ipv4 if nic and nic.ipv4 else None) or f"10.100.0.{self.next}"
+        self.next += 1
+        forwards = ()
+        for key, value in (nic.options if nic else ()):
+            if key == "port_forwards":
+                forwards = tuple(
+                    self._pf(int(p.split("/")[0]), 40000 + i, "tcp")
+                    for i, p in enumerate(value.split(","))
+                )
+        alloc = self._alloc_type(
+            short_id="abcd1234", namespace=f"fc-{vm_id}", host_veth="vh_abcd1234",
+            ns_veth="vn_abcd1234", tap="tap_abcd1234", ip=ip, prefix_len=16, gateway="10.100.0.1",
+            mac="02:00:00:00:00:01", port_forwards=forwards,
+        )
+        self.allocs[vm_id] = alloc
+        return alloc
+
+    async def release(self, vm_id: str) -> None:
+        self.allocs.pop(vm_id, None)
+
+    def setup_steps(
+        self, alloc: Any, owner_uid: int | None = None, owner_gid: int | None = None
+    ) -> list[Any]:
+        return []
+
+    async def teardown(self, alloc: Any) -> None:
+        pass
+
+    async def sweep_leftovers(self, known_vm_ids: set[str]) -> list[str]:
+        return []
+
+    async def check(self) -> tuple[bool, str]:
+        return True, "fake"
+
+    def kernel_ip_arg(self, alloc: Any) -> str:
+        return f"ip={alloc.ip}::{alloc.gateway}:255.255.0.0::eth0:off"
+
+    async def tap_counters(self, alloc: Any) -> tuple[int, int, int, int]:
+        return (10, 20, 1, 2)
+
+    def allocation_to_dict(self, alloc: Any) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(alloc)
+
+    def allocation_from_dict(self, data: dict[str, Any]) -> Any:
+        forwards = tuple(self._pf(**p) for p in data.get("port_forwards", ()))
+        dns = tuple(data["dns_servers"])
+        return self._alloc_type(**{**data, "port_forwards": forwards, "dns_servers": dns})

@@ -16,7 +16,7 @@ import pytest
 
 from metald.gen.metal.vmprovisioner.v1 import vm_pb2 as pb
 from tests.support.clients import CLIENTS, RpcFailed, small_config
-from tests.support.fakes import FakeBackend
+from tests.support.fakes import FakeBackend, FakeNetwork
 from tests.support.server import RunningServer, make_settings, serve_in_thread
 
 S = pb  # enum values live on the module
@@ -24,7 +24,8 @@ S = pb  # enum values live on the module
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RunningServer]:
-    with serve_in_thread(make_settings(tmp_path), FakeBackend()) as srv:
+    settings = make_settings(tmp_path, network_enabled=True)
+    with serve_in_thread(settings, FakeBackend(), FakeNetwork()) as srv:
         yield srv
 
 
@@ -64,6 +65,9 @@ def test_every_rpc(client, server: RunningServer) -> None:  # type: ignore[no-un
     assert info.config.memory.size_bytes == 128 << 20 and info.config.metadata["team"] == "x"
     assert info.backend_info["metrics_measured"] == "true"
     assert info.metrics.memory_usage_bytes == 4096
+    assert info.network_info.network_namespace == "fc-vm-a"
+    assert info.network_info.ip_address.startswith("10.100.0.")
+    assert info.metrics.network_stats.bytes_transmitted == 20
     listed = client.call("ListVms", pb.ListVmsRequest())
     assert [v.vm_id for v in listed.vms] == ["vm-a"] and listed.total_count == 1
     assert listed.vms[0].customer_id == "cust-1" and listed.vms[0].metadata["team"] == "x"

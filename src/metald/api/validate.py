@@ -316,6 +316,10 @@ def vm_config(config: pb.VmConfig, settings: Settings, has_config: bool) -> VmDr
     # --- network
     if len(config.network) > 1:
         raise InvalidArgument("config.network", "at most one network interface is supported")
+    if config.network and not settings.network_enabled:
+        raise InvalidArgument(
+            "config.network", "VM networking is disabled on this host (UNKEY_METALD_NETWORK_ENABLED)"
+        )
     nic = _nic(config.network[0], settings) if config.network else None
     # --- console
     console = config.console
