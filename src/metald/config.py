@@ -125,6 +125,21 @@ class Settings(BaseSettings):
         "disabled", description="Transport security of the API"
     )
 
+    # --- Tenancy -------------------------------------------------------------
+    operator_ids: str = Field(
+        "", description="Comma-separated caller identities (SPIFFE IDs) with the operator role: all VMs"
+    )
+    customer_map: str = Field(
+        "",
+        description="Comma-separated IDENTITY=CUSTOMER pairs; otherwise a SPIFFE ID ending in "
+        "/customer/<id> belongs to customer <id>",
+    )
+    dev_caller_header: bool = Field(
+        True,
+        description="With TLS disabled, take the caller identity from the X-Metald-Caller header; "
+        "requests without it act as the local operator",
+    )
+
     @field_validator("network_bridge_ipv4")
     @classmethod
     def _check_iface(cls, value: str) -> str:

@@ -380,3 +380,18 @@ def test_restart_keeps_state(tmp_path: Path) -> None:
         assert vms["keep-1"].state == S.VM_STATE_SHUTDOWN and vms["keep-1"].customer_id == "c1"
         assert vms["keep-2"].state == S.VM_STATE_RUNNING
         assert ("adopt", "keep-2") in backend.calls
+
+
+def test_oversized_grpc_request(server: RunningServer) -> None:
+    import grpc
+
+    from metald.gen.metal.vmprovisioner.v1 import vm_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = vm_pb2_grpc.VmServiceStub(channel)
+        request = pb.CreateVmRequest(vm_id="big", config=small_config())
+        request.config.metadata["blob"] = "x" * (2 << 20)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CreateVm(request, timeout=10)
+    assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert server.store.get_vm("big") is None

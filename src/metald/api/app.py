@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
+from metald.api.auth import DEV_HEADER, Authorizer, caller_var
 from metald.api.health import Health
 from metald.api.service import VmServiceImpl
 from metald.gen.metal.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
@@ -28,11 +30,25 @@ async def _send_json(send: Any, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+# Returns the SPIFFE ID of the connection's verified client certificate, if any.
+PeerIdentity = Callable[[Scope], str | None]
+
+
 class MetaldApp:
-    def __init__(self, service: VmServiceImpl, health: Health, max_request_bytes: int) -> None:
+    def __init__(
+        self,
+        service: VmServiceImpl,
+        health: Health,
+        max_request_bytes: int,
+        authorizer: Authorizer | None = None,
+        peer_identity: PeerIdentity | None = None,
+    ) -> None:
         self.connect = VmServiceASGIApplication(service, read_max_bytes=max_request_bytes)
         self.health = health
         self.max_request_bytes = max_request_bytes
+        self.authorizer = authorizer or Authorizer(service.settings)
+        self.peer_identity = peer_identity
+        self.dev_header = service.settings.dev_caller_header and peer_identity is None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -55,7 +71,31 @@ class MetaldApp:
             return
         if await self._too_large(scope, send):
             return
-        await self.connect(scope, receive, send)
+        try:
+            caller = self._caller(scope)
+        except Exception as exc:
+            await self._refuse(scope, send, exc)
+            return
+        token = caller_var.set(caller)
+        try:
+            await self.connect(scope, receive, send)
+        finally:
+            caller_var.reset(token)
+
+    def _caller(self, scope: Scope) -> Any:
+        if self.peer_identity is not None:
+            return self.authorizer.caller_for(self.peer_identity(scope), from_tls=True)
+        identity = None
+        if self.dev_header:
+            raw = dict(scope.get("headers") or []).get(DEV_HEADER)
+            identity = raw.decode("utf-8", "replace").strip() if raw else None
+        return self.authorizer.caller_for(identity or None, from_tls=False)
+
+    async def _refuse(self, scope: Scope, send: Any, exc: Exception) -> None:
+        from metald.api.errors import to_connect
+
+        err = to_connect(exc)
+        await self._error(scope, send, err.code.value, _GRPC_STATUS.get(err.code.value, 2), err.message)
 
     async def _too_large(self, scope: Scope, send: Any) -> bool:
         """Refuse a declared body over the cap before reading it (invalid_argument)."""
@@ -64,20 +104,37 @@ class MetaldApp:
         if length is None or not length.isdigit() or int(length) <= self.max_request_bytes:
             return False
         message = f"request body: {int(length)} bytes exceeds the limit of {self.max_request_bytes}"
+        await self._error(scope, send, "invalid_argument", 3, message)
+        return True
+
+    async def _error(self, scope: Scope, send: Any, code: str, grpc_status: int, message: str) -> None:
+        headers = dict(scope.get("headers") or [])
         content_type = headers.get(b"content-type", b"")
         if content_type.startswith(b"application/grpc"):
+            # gRPC carries the status in trailers after an (empty) body.
             await send(
                 {
                     "type": "http.response.start",
                     "status": 200,
-                    "headers": [
-                        (b"content-type", content_type),
-                        (b"grpc-status", b"3"),
-                        (b"grpc-message", message.replace(" ", "%20").encode()),
-                    ],
+                    "headers": [(b"content-type", content_type)],
+                    "trailers": True,
                 }
             )
-            await send({"type": "http.response.body", "body": b""})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send(
+                {
+                    "type": "http.response.trailers",
+                    "headers": [
+                        (b"grpc-status", str(grpc_status).encode()),
+                        (b"grpc-message", message.replace("%", "%25").replace(" ", "%20").encode()),
+                    ],
+                    "more_trailers": False,
+                }
+            )
         else:
-            await _send_json(send, 400, {"code": "invalid_argument", "message": message})
-        return True
+            status = _HTTP_STATUS.get(code, 500)
+            await _send_json(send, status, {"code": code, "message": message})
+
+
+_GRPC_STATUS = {"invalid_argument": 3, "unauthenticated": 16, "permission_denied": 7}
+_HTTP_STATUS = {"invalid_argument": 400, "unauthenticated": 401, "permission_denied": 403}

@@ -7,10 +7,11 @@ from typing import Any, TypeVar
 
 from connectrpc.request import RequestContext
 
-from metald.api import convert, validate
+from metald.api import auth, convert, validate
 from metald.api.errors import to_connect
 from metald.config import Settings
 from metald.core.engine import VmEngine
+from metald.core.errors import PermissionDenied
 from metald.gen.metal.vmprovisioner.v1 import vm_pb2 as pb
 
 T = TypeVar("T")
@@ -28,12 +29,23 @@ class VmServiceImpl:
         self.engine = engine
         self.settings = settings
 
+    def _vm(self, vm_id: str) -> str:
+        """Validate the id and check the caller may see the VM (else not_found)."""
+        vm_id = validate.vm_id(vm_id)
+        row = self.engine.store.get_vm(vm_id)
+        auth.check_visible(vm_id, row.customer_id if row else None)
+        return vm_id
+
     async def create_vm(
         self, request: pb.CreateVmRequest, ctx: RequestContext[Any, Any]
     ) -> pb.CreateVmResponse:
         async def call() -> pb.CreateVmResponse:
             vm_id = validate.new_vm_id(request.vm_id)
-            customer = validate.customer_id(request.customer_id)
+            customer = auth.customer_for_create(validate.customer_id(request.customer_id))
+            existing = self.engine.store.get_vm(vm_id)
+            if existing is not None and not auth.current().may_see(existing.customer_id):
+                # Another tenant's id: refuse without saying whose it is.
+                raise PermissionDenied(f"vm_id {vm_id} cannot be used")
             draft = validate.vm_config(request.config, self.settings, request.HasField("config"))
             row = await self.engine.create(
                 vm_id, customer, draft, request.config.SerializeToString(deterministic=True)
@@ -46,7 +58,7 @@ class VmServiceImpl:
         self, request: pb.DeleteVmRequest, ctx: RequestContext[Any, Any]
     ) -> pb.DeleteVmResponse:
         async def call() -> pb.DeleteVmResponse:
-            await self.engine.delete(validate.vm_id(request.vm_id), request.force)
+            await self.engine.delete(self._vm(request.vm_id), request.force)
             return pb.DeleteVmResponse(success=True)
 
         return await _guard(call)
@@ -55,7 +67,7 @@ class VmServiceImpl:
         self, request: pb.BootVmRequest, ctx: RequestContext[Any, Any]
     ) -> pb.BootVmResponse:
         async def call() -> pb.BootVmResponse:
-            state = await self.engine.boot(validate.vm_id(request.vm_id))
+            state = await self.engine.boot(self._vm(request.vm_id))
             return pb.BootVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
 
         return await _guard(call)
@@ -64,8 +76,8 @@ class VmServiceImpl:
         self, request: pb.ShutdownVmRequest, ctx: RequestContext[Any, Any]
     ) -> pb.ShutdownVmResponse:
         async def call() -> pb.ShutdownVmResponse:
-            vm_id = validate.vm_id(request.vm_id)
             timeout = validate.shutdown_timeout(request.timeout_seconds)
+            vm_id = self._vm(request.vm_id)
             state = await self.engine.shutdown(vm_id, request.force, timeout)
             return pb.ShutdownVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
 
@@ -75,7 +87,7 @@ class VmServiceImpl:
         self, request: pb.PauseVmRequest, ctx: RequestContext[Any, Any]
     ) -> pb.PauseVmResponse:
         async def call() -> pb.PauseVmResponse:
-            state = await self.engine.pause(validate.vm_id(request.vm_id))
+            state = await self.engine.pause(self._vm(request.vm_id))
             return pb.PauseVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
 
         return await _guard(call)
@@ -84,7 +96,7 @@ class VmServiceImpl:
         self, request: pb.ResumeVmRequest, ctx: RequestContext[Any, Any]
     ) -> pb.ResumeVmResponse:
         async def call() -> pb.ResumeVmResponse:
-            state = await self.engine.resume(validate.vm_id(request.vm_id))
+            state = await self.engine.resume(self._vm(request.vm_id))
             return pb.ResumeVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
 
         return await _guard(call)
@@ -93,7 +105,7 @@ class VmServiceImpl:
         self, request: pb.RebootVmRequest, ctx: RequestContext[Any, Any]
     ) -> pb.RebootVmResponse:
         async def call() -> pb.RebootVmResponse:
-            state = await self.engine.reboot(validate.vm_id(request.vm_id), request.force)
+            state = await self.engine.reboot(self._vm(request.vm_id), request.force)
             return pb.RebootVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
 
         return await _guard(call)
@@ -102,7 +114,7 @@ class VmServiceImpl:
         self, request: pb.GetVmInfoRequest, ctx: RequestContext[Any, Any]
     ) -> pb.GetVmInfoResponse:
         async def call() -> pb.GetVmInfoResponse:
-            view = await self.engine.get(validate.vm_id(request.vm_id))
+            view = await self.engine.get(self._vm(request.vm_id))
             return convert.vm_info_response(view)
 
         return await _guard(call)
@@ -113,9 +125,10 @@ class VmServiceImpl:
         async def call() -> pb.ListVmsResponse:
             states = validate.state_filter(list(request.state_filter))
             size = validate.page_size(request.page_size)
-            scope = ""
+            customer = auth.list_scope()
+            scope = customer if customer is not None else "*"
             after = convert.decode_page_token(request.page_token, states, scope)
-            page = self.engine.list(states, size, after)
+            page = self.engine.list(states, size, after, customer)
             token = (
                 convert.encode_page_token(page.last_seq, states, scope)
                 if page.last_seq is not None
