@@ -1,0 +1,481 @@
+"""FirecrackerBackend: metald's Backend port on the Firecracker VMM.
+
+One Firecracker process per VM, configured over its API socket
+(logger, metrics, machine-config, boot-source, drives, network-interfaces,
+then InstanceStart). Firecracker cannot reboot in place: a reboot is a stop
+and a fresh process from the same spec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from metald.backends.firecracker import procfs
+from metald.backends.firecracker.client import FirecrackerClient
+from metald.backends.firecracker.handle import FcHandle, is_vmm_of, mismatch
+from metald.backends.firecracker.launch import (
+    DirectLauncher,
+    Launch,
+    Launcher,
+    OwnJailerLauncher,
+)
+from metald.backends.firecracker.metrics import CpuSampler, MetricsFile
+from metald.backends.firecracker.process import ProcessWatch, describe_status, spawn
+from metald.backends.firecracker.validation import MIB, boot_args, check_spec
+from metald.config import Settings
+from metald.core.errors import BackendError, FailedPrecondition
+from metald.core.models import BootSpec, VmMetrics
+from metald.core.ports import ExitCallback
+
+log = logging.getLogger(__name__)
+
+LOG_NAME = "firecracker.log"
+METRICS_NAME = "firecracker.metrics"
+STDERR_NAME = "firecracker.stderr"
+IFACE_ID = "eth0"
+VERSION_RE = re.compile(r"v?(\d+\.\d+\.\d+\S*)")
+
+
+@dataclass
+class _Vm:
+    handle: FcHandle
+    watch: ProcessWatch
+    client: FirecrackerClient
+    metrics: MetricsFile
+    cpu: CpuSampler
+    stderr_path: Path | None = None
+    expected_exit: bool = True  # until boot succeeds, and again while metald stops it
+    exit_reason: str | None = None
+    version: str | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+def default_launcher(settings: Settings) -> Launcher:
+    if settings.firecracker_use_own_jailer:
+        return OwnJailerLauncher(
+            settings.firecracker_jailer_binary,
+            settings.firecracker_binary,
+            settings.jailer_uid,
+            settings.jailer_gid,
+            settings.jailer_chroot_dir,
+        )
+    return DirectLauncher(settings.firecracker_binary)
+
+
+class FirecrackerBackend:
+    name = "firecracker"
+
+    def __init__(
+        self,
+        settings: Settings,
+        launcher: Launcher | None = None,
+        kvm_path: Path = Path("/dev/kvm"),
+        start_timeout_s: float = 10.0,
+        reboot_grace_s: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.launcher = launcher or default_launcher(settings)
+        self.kvm_path = kvm_path
+        self.start_timeout_s = start_timeout_s
+        self.reboot_grace_s = reboot_grace_s
+        self._vms: dict[str, _Vm] = {}
+        self._on_exit_cb: ExitCallback | None = None
+
+    def set_exit_callback(self, callback: ExitCallback) -> None:
+        self._on_exit_cb = callback
+
+    # --- host check -----------------------------------------------------------------
+    async def ping(self) -> tuple[bool, str]:
+        binary = _executable(self.settings.firecracker_binary)
+        if binary is None:
+            return False, (
+                f"Firecracker binary {self.settings.firecracker_binary!r} is missing or not "
+                "executable: install the release binary (firecracker-v1.16.1-x86_64 from the "
+                "firecracker-microvm/firecracker GitHub releases) there, or set "
+                "UNKEY_METALD_FIRECRACKER_BINARY"
+            )
+        if isinstance(self.launcher, OwnJailerLauncher):
+            if _executable(self.settings.firecracker_jailer_binary) is None:
+                return False, (
+                    f"Firecracker's jailer {self.settings.firecracker_jailer_binary!r} is missing "
+                    "or not executable: install jailer-v1.16.1-x86_64 from the same release, set "
+                    "UNKEY_METALD_FIRECRACKER_JAILER_BINARY, or unset "
+                    "UNKEY_METALD_FIRECRACKER_USE_OWN_JAILER"
+                )
+        try:
+            os.close(os.open(self.kvm_path, os.O_RDWR | os.O_CLOEXEC))
+        except OSError as exc:
+            return False, (
+                f"{self.kvm_path} cannot be opened read-write ({exc.strerror}): enable "
+                "virtualization, load the KVM module (modprobe kvm_intel or kvm_amd) and run "
+                "metald as root or in group kvm"
+            )
+        version = await binary_version(binary)
+        if version is None:
+            return False, f"{binary} --version did not print a Firecracker version"
+        return True, f"firecracker {version} at {binary}; {self.kvm_path} opens read-write"
+
+    async def validate(self, spec: BootSpec) -> None:
+        check_spec(spec)
+
+    # --- start ------------------------------------------------------------------------
+    async def boot(self, spec: BootSpec) -> dict[str, Any]:
+        check_spec(spec)
+        old = self._vms.get(spec.vm_id)
+        if old is not None and old.watch.alive:
+            raise FailedPrecondition(f"firecracker for {spec.vm_id} already runs (pid {old.watch.pid})")
+        if old is not None:
+            await self._forget(spec.vm_id)
+        spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        launch = self.launcher.prepare(spec)
+        launch.files_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        with contextlib.suppress(FileNotFoundError):
+            launch.socket_path.unlink()  # Firecracker refuses to start on an existing socket
+        log_path = launch.files_dir / LOG_NAME
+        metrics_path = launch.files_dir / METRICS_NAME
+        for path in (log_path, metrics_path):  # Firecracker opens them, never creates them
+            path.write_bytes(b"")
+            launch.own(path)
+        stderr_path = spec.run_dir / STDERR_NAME
+        stderr_path.write_bytes(b"")
+        try:
+            popen = spawn(launch.argv, spec.console_log if spec.console_enabled else None, stderr_path)
+        except OSError as exc:
+            raise BackendError(f"cannot start {launch.argv[0]}: {exc}") from exc
+        stat = procfs.read_stat(popen.pid)
+        handle = FcHandle(
+            vm_id=spec.vm_id,
+            pid=popen.pid,
+            start_time=stat.start_time if stat else 0,
+            api_sock_arg=launch.api_sock_arg,
+            socket_path=str(launch.socket_path),
+            files_dir=str(launch.files_dir),
+            metrics_path=str(metrics_path),
+            chroot=str(launch.chroot) if launch.chroot else None,
+        )
+        vm = self._track(handle, popen, stderr_path)
+        try:
+            await self._wait_for_api(vm)
+            await self._configure(vm.client, spec, launch, log_path, metrics_path)
+            await vm.client.instance_start()
+        except BaseException:
+            await self._stop(vm, force=True, timeout_s=0)
+            raise
+        vm.expected_exit = False
+        log.info("firecracker for %s started (pid %d)", spec.vm_id, popen.pid)
+        return handle.to_dict()
+
+    def _track(self, handle: FcHandle, popen: subprocess.Popen[bytes] | None, stderr_path: Path | None) -> _Vm:
+        vm_id = handle.vm_id
+        watch = ProcessWatch(handle.pid, popen, lambda rc: self._exited(vm_id, rc))
+        vm = _Vm(
+            handle=handle,
+            watch=watch,
+            client=FirecrackerClient(Path(handle.socket_path)),
+            metrics=MetricsFile(Path(handle.metrics_path)),
+            cpu=CpuSampler(handle.pid),
+            stderr_path=stderr_path,
+        )
+        self._vms[vm_id] = vm
+        watch.start()
+        return vm
+
+    async def _wait_for_api(self, vm: _Vm) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_timeout_s
+        socket_path = Path(vm.handle.socket_path)
+        last_error = "socket not created"
+        while loop.time() < deadline:
+            if not vm.watch.alive:
+                raise BackendError(f"firecracker exited while starting ({vm.exit_reason}): {_tail(vm.stderr_path)}")
+            if socket_path.exists():
+                try:
+                    await vm.client.describe_instance()
+                    return
+                except BackendError as exc:
+                    last_error = str(exc)
+            await asyncio.sleep(0.02)
+        raise BackendError(
+            f"firecracker API socket {socket_path} not ready after {self.start_timeout_s:g}s "
+            f"({last_error}): {_tail(vm.stderr_path)}"
+        )
+
+    async def _configure(
+        self,
+        client: FirecrackerClient,
+        spec: BootSpec,
+        launch: Launch,
+        log_path: Path,
+        metrics_path: Path,
+    ) -> None:
+        await client.put_logger(launch.vmm_path(log_path))
+        await client.put_metrics(launch.vmm_path(metrics_path))
+        await client.put_machine_config(spec.vcpu_count, spec.memory_bytes // MIB)
+        kernel = launch.expose(spec.kernel_path, "vmlinux")
+        initrd = launch.expose(spec.initrd_path, "initrd") if spec.initrd_path else None
+        await client.put_boot_source(kernel, initrd, boot_args(spec))
+        for drive in spec.drives:
+            path = launch.expose(drive.path, f"drive-{drive.drive_id}")
+            await client.put_drive(drive.drive_id, path, drive.is_root, drive.read_only)
+        net = spec.network
+        if net is not None:
+            await client.put_network_interface(IFACE_ID, net.tap, net.mac or None, net.rx_rate_limit, net.tx_rate_limit)
+
+    def _exited(self, vm_id: str, returncode: int | None) -> None:
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            return
+        vm.exit_reason = describe_status(returncode)
+        task = asyncio.get_running_loop().create_task(vm.client.close())
+        vm.tasks.add(task)
+        task.add_done_callback(vm.tasks.discard)
+        if vm.expected_exit:
+            return
+        log.warning("firecracker for %s ended on its own: %s", vm_id, vm.exit_reason)
+        if self._on_exit_cb is not None:
+            try:
+                self._on_exit_cb(vm_id, vm.exit_reason)
+            except Exception:
+                log.exception("exit callback for %s failed", vm_id)
+
+    # --- re-attach --------------------------------------------------------------------
+    async def adopt(self, spec: BootSpec, handle: dict[str, Any]) -> bool:
+        parsed = FcHandle.from_dict(handle)
+        if parsed is None or parsed.vm_id != spec.vm_id:
+            return False
+        why = mismatch(parsed)
+        if why is not None:
+            log.info("not adopting firecracker for %s: %s", spec.vm_id, why)
+            return False
+        vm = self._track(parsed, None, None)
+        try:
+            await vm.client.describe_instance()
+        except BackendError as exc:
+            log.info("not adopting firecracker for %s: API does not answer: %s", spec.vm_id, exc)
+            await self._forget(spec.vm_id)
+            return False
+        vm.expected_exit = False
+        return True
+
+    # --- runtime ------------------------------------------------------------------------
+    def _running(self, vm_id: str) -> _Vm:
+        vm = self._vms.get(vm_id)
+        if vm is None or not vm.watch.alive:
+            raise FailedPrecondition(f"no running firecracker for {vm_id}")
+        return vm
+
+    async def pause(self, vm_id: str) -> None:
+        await self._running(vm_id).client.pause()
+
+    async def resume(self, vm_id: str) -> None:
+        await self._running(vm_id).client.resume()
+
+    def is_running(self, vm_id: str) -> bool:
+        vm = self._vms.get(vm_id)
+        return vm is not None and vm.watch.alive
+
+    # --- stop ---------------------------------------------------------------------------
+    async def shutdown(self, vm_id: str, force: bool, timeout_s: float) -> str:
+        vm = self._vms.get(vm_id)
+        if vm is None or not vm.watch.alive:
+            return "not running"
+        return await self._stop(vm, force, timeout_s)
+
+    async def _stop(self, vm: _Vm, force: bool, timeout_s: float) -> str:
+        vm.expected_exit = True
+        if not vm.watch.alive:
+            return vm.exit_reason or "not running"
+        how = "killed"
+        if not force:
+            try:
+                if (await vm.client.describe_instance()).get("state") == "Paused":
+                    await vm.client.resume()  # a paused guest cannot act on Ctrl+Alt+Del
+                await vm.client.send_ctrl_alt_del()
+            except BackendError as exc:
+                how = f"killed (SendCtrlAltDel failed: {exc})"
+            else:
+                if await vm.watch.wait(timeout_s):
+                    return _poweroff_reason(vm.watch.returncode, vm.exit_reason)
+                how = f"killed after {timeout_s:g}s (the guest did not power off)"
+        vm.watch.kill(signal.SIGKILL)
+        if not await vm.watch.wait(10):
+            raise BackendError(f"firecracker pid {vm.watch.pid} survived SIGKILL")
+        with contextlib.suppress(OSError):
+            Path(vm.handle.socket_path).unlink()
+        return how
+
+    async def reboot(self, spec: BootSpec, force: bool) -> dict[str, Any]:
+        vm = self._vms.get(spec.vm_id)
+        if vm is not None and vm.watch.alive:
+            how = await self._stop(vm, force, self.reboot_grace_s)
+            log.info("reboot of %s: old firecracker %s", spec.vm_id, how)
+        return await self.boot(spec)
+
+    async def cleanup(self, vm_id: str) -> None:
+        vm = self._vms.get(vm_id)
+        if vm is not None:
+            if vm.watch.alive:
+                await self._stop(vm, force=True, timeout_s=0)
+            files_dir = Path(vm.handle.files_dir)
+            await self._forget(vm_id)
+        else:
+            files_dir = self.settings.run_dir / vm_id
+            self._kill_strays(vm_id, self.launcher.api_sock_arg(vm_id, files_dir))
+        run_dir = self.settings.run_dir / vm_id
+        for directory in {files_dir, run_dir}:
+            for name in (LOG_NAME, METRICS_NAME, STDERR_NAME, "firecracker.sock"):
+                with contextlib.suppress(OSError):
+                    (directory / name).unlink()
+        self.launcher.discard(vm_id)
+
+    def _kill_strays(self, vm_id: str, api_sock_arg: str) -> None:
+        """SIGKILL a Firecracker of this VM that metald does not track (e.g. after a crash)."""
+        for pid in procfs.pids():
+            argv = procfs.read_cmdline(pid)
+            if not argv or not is_vmm_of(argv, vm_id, api_sock_arg):
+                continue
+            log.warning("killing untracked firecracker pid %d of %s", pid, vm_id)
+            with contextlib.suppress(OSError):
+                fd = os.pidfd_open(pid)
+                try:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                finally:
+                    os.close(fd)
+
+    async def _forget(self, vm_id: str) -> None:
+        vm = self._vms.pop(vm_id, None)
+        if vm is None:
+            return
+        vm.watch.close()
+        await vm.client.close()
+        if vm.tasks:
+            await asyncio.gather(*vm.tasks, return_exceptions=True)
+
+    # --- reporting ----------------------------------------------------------------------
+    async def info(self, vm_id: str) -> dict[str, str]:
+        out = {"backend": self.name}
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            out["state"] = "not tracked"
+            return out
+        h = vm.handle
+        out.update(
+            pid=str(h.pid),
+            socket=h.socket_path,
+            metrics_file=h.metrics_path,
+            log_file=str(Path(h.files_dir) / LOG_NAME),
+            launcher="firecracker-jailer" if h.chroot else "direct",
+        )
+        if h.chroot:
+            out["chroot"] = h.chroot
+        if not vm.watch.alive:
+            out["state"] = "exited"
+            out["exit_reason"] = vm.exit_reason or "unknown"
+            return out
+        try:
+            instance = await vm.client.describe_instance()
+            out["state"] = str(instance.get("state", "unknown"))
+        except BackendError as exc:
+            out["state"] = f"unknown ({exc})"
+        if vm.version is None:
+            try:
+                vm.version = await vm.client.version()
+            except BackendError:
+                binary = _executable(self.settings.firecracker_binary)
+                vm.version = (await binary_version(binary) if binary else None) or "unknown"
+        out["firecracker_version"] = vm.version
+        return out
+
+    async def metrics(self, vm_id: str) -> VmMetrics:
+        vm = self._vms.get(vm_id)
+        if vm is None or not vm.watch.alive:
+            return VmMetrics(measured=False, notes={"reason": "firecracker is not running"})
+        notes: dict[str, str] = {}
+        try:
+            await vm.client.flush_metrics()
+        except BackendError as exc:
+            notes["flush"] = str(exc)
+        vm.metrics.read_new()
+        totals = vm.metrics.totals
+        if totals.lines == 0:
+            notes["metrics_file"] = "no metrics written yet"
+        result = VmMetrics(
+            measured=True,
+            net_rx_bytes=totals.net_rx_bytes,
+            net_tx_bytes=totals.net_tx_bytes,
+            net_rx_packets=totals.net_rx_packets,
+            net_tx_packets=totals.net_tx_packets,
+            block_read_bytes=totals.block_read_bytes,
+            block_write_bytes=totals.block_write_bytes,
+            block_read_ops=totals.block_read_ops,
+            block_write_ops=totals.block_write_ops,
+            notes=notes,
+        )
+        stat = procfs.read_stat(vm.handle.pid)
+        if stat is not None:
+            result.cpu_usage_percent = vm.cpu.sample(stat)
+            result.uptime_seconds = int(procfs.process_age_seconds(stat.start_time))
+        result.memory_usage_bytes = procfs.read_rss_bytes(vm.handle.pid) or 0
+        return result
+
+    async def close(self) -> None:
+        for vm_id in list(self._vms):
+            await self._forget(vm_id)
+
+
+def _poweroff_reason(returncode: int | None, reason: str | None) -> str:
+    if returncode == 0:
+        return "guest poweroff"
+    if returncode is None:
+        return "exited after Ctrl+Alt+Del"
+    return f"exited after Ctrl+Alt+Del ({reason})"
+
+
+def _executable(name: str) -> Path | None:
+    found = shutil.which(name) if "/" not in name else name
+    if found and os.path.isfile(found) and os.access(found, os.X_OK):
+        return Path(found)
+    return None
+
+
+async def binary_version(binary: Path, timeout_s: float = 5.0) -> str | None:
+    """The version ``<binary> --version`` prints (Firecracker prints "Firecracker vX.Y.Z")."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            str(binary),
+            "--version",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    except OSError:
+        return None
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return None
+    found = VERSION_RE.search(out.decode(errors="replace"))
+    return found.group(1) if proc.returncode == 0 and found else None
+
+
+def _tail(path: Path | None, limit: int = 2000) -> str:
+    if path is None:
+        return "(no stderr captured)"
+    try:
+        data = path.read_bytes()[-limit:]
+    except OSError:
+        return "(no stderr captured)"
+    text = data.decode(errors="replace").strip()
+    return text or "(stderr empty)"

@@ -1,0 +1,63 @@
+"""The few facts about a Firecracker process that /proc gives: start time, CPU, RSS."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROC = Path("/proc")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    state: str
+    cpu_ticks: int  # utime + stime
+    start_time: int  # clock ticks after host boot (field 22)
+
+
+def parse_stat(text: str) -> ProcStat:
+    """Parse /proc/<pid>/stat; the comm field may hold spaces and parentheses."""
+    rest = text[text.rindex(")") + 2 :].split()
+    # rest[0] is field 3 (state), so field N is rest[N - 3].
+    return ProcStat(state=rest[0], cpu_ticks=int(rest[11]) + int(rest[12]), start_time=int(rest[19]))
+
+
+def read_stat(pid: int, proc: Path = PROC) -> ProcStat | None:
+    try:
+        return parse_stat((proc / str(pid) / "stat").read_text())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def read_cmdline(pid: int, proc: Path = PROC) -> list[str] | None:
+    try:
+        raw = (proc / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return None
+    if not raw:
+        return None
+    return raw.rstrip(b"\0").decode(errors="replace").split("\0")
+
+
+def read_rss_bytes(pid: int, proc: Path = PROC) -> int | None:
+    try:
+        for line in (proc / str(pid) / "status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def system_uptime(proc: Path = PROC) -> float:
+    return float((proc / "uptime").read_text().split()[0])
+
+
+def process_age_seconds(start_time_ticks: int, proc: Path = PROC) -> float:
+    return max(0.0, system_uptime(proc) - start_time_ticks / CLK_TCK)
+
+
+def pids(proc: Path = PROC) -> list[int]:
+    return [int(p.name) for p in proc.iterdir() if p.name.isdigit()]

@@ -1,0 +1,750 @@
+#!/usr/bin/env python3
+# THIS IS A TEST DOUBLE of Firecracker, not Firecracker.
+#
+# It runs no guest. It is started like Firecracker (`--api-sock PATH --id ID`,
+# `--version`), serves Firecracker's HTTP API on the unix socket, and checks
+# every request strictly against Firecracker's official API description
+# (firecracker-api-v1.16.1.yaml, Swagger 2.0) and against Firecracker's own
+# rules (pre-boot/post-boot operations, ids, files that must exist, ...), so
+# that a client that works against it speaks exactly what Firecracker expects.
+#
+# Dependencies: the Python standard library, PyYAML and jsonschema.
+#
+# Environment knobs (all optional):
+#   FC_DOUBLE_SPEC        path of the API YAML (default: found next to the repo,
+#                         ../shared/firecracker/firecracker-api-v1.16.1.yaml)
+#   FC_DOUBLE_RECORD      append every request as a JSON line
+#                         {"method","path","body","status","fault"} to this file
+#   FC_DOUBLE_FAIL        comma-separated "METHOD /path" items (a concrete path or
+#                         the spec's template, e.g. "PUT /drives/{drive_id}"):
+#                         such requests are validated, then refused with 400
+#   FC_DOUBLE_FAIL_MESSAGE  the fault_message of those refusals
+#   FC_DOUBLE_CHECK_TAP=1 PUT /network-interfaces requires the TAP to exist
+#                         (/sys/class/net/<host_dev_name>)
+#   FC_DOUBLE_IGNORE_CTRLALTDEL=1  the "guest" ignores SendCtrlAltDel
+#   FC_DOUBLE_POWEROFF_DELAY  seconds between SendCtrlAltDel and exit (0.1)
+"""A strict test double of the Firecracker VMM's API (see the header comment)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socketserver
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SPEC_NAME = "firecracker-api-v1.16.1.yaml"
+NOT_AFTER_BOOT = "The requested operation is not supported after starting the microVM."
+NOT_BEFORE_BOOT = "The requested operation is not supported before starting the microVM."
+DESERIALIZE = "An error occurred when deserializing the json body of a request: {}."
+INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+IFNAMSIZ = 16
+CMDLINE_MAX_SIZE = 2048
+
+# Path parameters Firecracker checks with `checked_id` and compares with the body.
+ID_PARAMS = {"drive_id": "drive_id", "iface_id": "iface_id", "id": "id"}
+
+# (method, template) pairs Firecracker refuses after InstanceStart ...
+PRE_BOOT_ONLY = {
+    ("PUT", "/boot-source"),
+    ("PUT", "/cpu-config"),
+    ("PUT", "/drives/{drive_id}"),
+    ("PUT", "/pmem/{id}"),
+    ("PUT", "/logger"),
+    ("PUT", "/serial"),
+    ("PUT", "/machine-config"),
+    ("PATCH", "/machine-config"),
+    ("PUT", "/metrics"),
+    ("PUT", "/mmds/config"),
+    ("PUT", "/network-interfaces/{iface_id}"),
+    ("PUT", "/snapshot/load"),
+    ("PUT", "/vsock"),
+    ("PUT", "/entropy"),
+    ("PUT", "/balloon"),
+    ("PUT", "/hotplug/memory"),
+}
+# ... and before it.
+POST_BOOT_ONLY = {
+    ("PATCH", "/vm"),
+    ("PATCH", "/drives/{drive_id}"),
+    ("PATCH", "/pmem/{id}"),
+    ("PATCH", "/network-interfaces/{iface_id}"),
+    ("PUT", "/snapshot/create"),
+    ("PATCH", "/balloon"),
+    ("GET", "/balloon/statistics"),
+    ("PATCH", "/balloon/statistics"),
+    ("PATCH", "/balloon/hinting/start"),
+    ("GET", "/balloon/hinting/status"),
+    ("PATCH", "/balloon/hinting/stop"),
+    ("GET", "/hotplug/memory"),
+    ("PATCH", "/hotplug/memory"),
+}
+
+
+class Fault(Exception):
+    """A request Firecracker would refuse: HTTP ``status`` with ``fault_message``."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def default_spec_path() -> Path:
+    env = os.environ.get("FC_DOUBLE_SPEC")
+    if env:
+        return Path(env)
+    repo_root = Path(__file__).resolve().parents[2]
+    candidates = [
+        repo_root.parent / "shared" / "firecracker" / SPEC_NAME,
+        repo_root / "shared" / "firecracker" / SPEC_NAME,
+        Path("/work/shared/firecracker") / SPEC_NAME,
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return candidates[0]
+
+
+def io_error(exc: OSError) -> str:
+    """An OSError as Rust's io::Error prints it."""
+    return f"{exc.strerror} (os error {exc.errno})"
+
+
+# --- Swagger 2.0 -> JSON Schema (draft 4) -----------------------------------------
+
+_INT_BOUNDS = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
+
+
+def to_json_schema(node: Any) -> Any:
+    """Convert one Swagger 2.0 schema object to a strict draft-4 JSON Schema.
+
+    Every object gets ``additionalProperties: false`` unless the spec says
+    otherwise (Firecracker's structs use ``deny_unknown_fields``), and integer
+    formats become bounds.
+    """
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        return {"$ref": node["$ref"]}  # draft 4 ignores a $ref's siblings
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("description", "example", "readOnly", "x-nullable"):
+            continue
+        if key == "properties":
+            out[key] = {name: to_json_schema(sub) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties") and isinstance(value, dict):
+            out[key] = to_json_schema(value)
+        elif key == "format" and node.get("type") == "integer":
+            low, high = _INT_BOUNDS.get(value, (None, None))
+            if low is not None:
+                out.setdefault("minimum", low)
+                out.setdefault("maximum", high)
+        elif key == "format":
+            continue  # string formats are informative only (one is a regex)
+        else:
+            out[key] = value
+    if out.get("type") == "object" and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+class Route:
+    """One operation of the spec: method + path template (+ body schema)."""
+
+    def __init__(self, method: str, template: str, operation: dict[str, Any], defs: dict) -> None:
+        self.method = method
+        self.template = template
+        self.operation_id = operation.get("operationId", "")
+        self.params: list[str] = []
+        pattern = re.sub(r"\{([^}]+)\}", self._param, template)
+        self.regex = re.compile(f"^{pattern}$")
+        self.body_required = False
+        self.validator: jsonschema.Draft4Validator | None = None
+        for param in operation.get("parameters", []):
+            if param.get("in") == "body":
+                self.body_required = bool(param.get("required", False))
+                schema = to_json_schema(param["schema"])
+                schema["definitions"] = defs
+                self.validator = jsonschema.Draft4Validator(schema)
+
+    def _param(self, match: re.Match[str]) -> str:
+        self.params.append(match.group(1))
+        return f"(?P<{match.group(1)}>[^/]*)"
+
+
+class SpecValidator:
+    """Checks requests against the official API description."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.version = str(spec.get("info", {}).get("version", "0.0.0"))
+        defs = {name: to_json_schema(d) for name, d in spec.get("definitions", {}).items()}
+        self.definitions = defs
+        self.routes: list[Route] = []
+        for template, item in spec.get("paths", {}).items():
+            for method, operation in item.items():
+                if method.lower() in ("get", "put", "patch", "post", "delete"):
+                    self.routes.append(Route(method.upper(), template, operation, defs))
+
+    @classmethod
+    def from_file(cls, path: Path) -> SpecValidator:
+        with open(path) as fh:
+            return cls(yaml.safe_load(fh))
+
+    def definition_validator(self, name: str) -> jsonschema.Draft4Validator:
+        """A validator for one named definition (for tests of request bodies)."""
+        return jsonschema.Draft4Validator({"$ref": f"#/definitions/{name}", "definitions": self.definitions})
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        for route in self.routes:
+            if route.method != method:
+                continue
+            found = route.regex.match(path)
+            if found:
+                return route, found.groupdict()
+        raise Fault(f"Invalid request method and/or path: {method} {path}.")
+
+    def check(self, method: str, path: str, raw: bytes | None) -> tuple[Route, dict[str, str], Any]:
+        """Validate one request; return (route, path params, parsed body) or raise Fault."""
+        route, params = self.match(method, path)
+        for name in params:
+            if name in ID_PARAMS:
+                checked_id(params[name])
+        if not raw:
+            if route.body_required or (method in ("PUT", "PATCH") and route.validator):
+                raise Fault(f"Empty {method} request.")
+            return route, params, None
+        if method == "GET":
+            raise Fault("GET request cannot have a body.")
+        if route.validator is None:
+            raise Fault(f"{method} {route.template} does not take a body.")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise Fault(DESERIALIZE.format(exc)) from None
+        errors = sorted(route.validator.iter_errors(body), key=lambda e: list(e.absolute_path))
+        if errors:
+            raise Fault(DESERIALIZE.format("; ".join(_describe(e) for e in errors[:5])))
+        for name, field in ID_PARAMS.items():
+            if name in params and isinstance(body, dict) and field in body:
+                if body[field] != params[name]:
+                    raise Fault("The id from the path does not match the id from the body!")
+        return route, params, body
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = "/".join(str(p) for p in error.absolute_path)
+    return f"{error.message} (at {where})" if where else error.message
+
+
+def checked_id(value: str) -> None:
+    """Firecracker's rule for resource ids in paths."""
+    if not value:
+        raise Fault("The ID cannot be empty.")
+    if not all(c == "_" or c.isalnum() for c in value):
+        raise Fault("API Resource IDs can only contain alphanumeric characters and underscores.")
+
+
+# --- the microVM's state ---------------------------------------------------------
+
+_BLOCK_KEYS = (
+    "activate_fails cfg_fails no_avail_buffer event_fails execute_fails invalid_reqs_count "
+    "flush_count queue_event_count rate_limiter_event_count update_count update_fails "
+    "read_bytes write_bytes read_count write_count rate_limiter_throttled_events "
+    "io_engine_throttled_events"
+).split()
+_NET_KEYS = (
+    "activate_fails cfg_fails mac_address_updates no_rx_avail_buffer no_tx_avail_buffer "
+    "event_fails rx_queue_event_count rx_event_rate_limiter_count rx_rate_limiter_throttled "
+    "rx_tap_event_count rx_bytes_count rx_packets_count rx_fails rx_count tap_read_fails "
+    "tap_write_fails tx_bytes_count tx_malformed_frames tx_fails tx_count tx_packets_count "
+    "tx_partial_reads tx_queue_event_count tx_rate_limiter_event_count "
+    "tx_rate_limiter_throttled tx_spoofed_mac_count tx_remaining_reqs_count"
+).split()
+
+# What the pretend guest does between two flushes, per device (Firecracker
+# writes the increase since the previous flush, not running totals).
+BLOCK_PER_FLUSH = {"read_bytes": 65536, "read_count": 16, "write_bytes": 16384, "write_count": 4}
+NET_PER_FLUSH = {
+    "rx_bytes_count": 3000,
+    "rx_packets_count": 2,
+    "rx_count": 2,
+    "tx_bytes_count": 1500,
+    "tx_packets_count": 1,
+    "tx_count": 1,
+}
+
+
+def _open_nonblock(path: str, flags: int = os.O_RDWR) -> int:
+    """Open like Firecracker's open_file_nonblock (never creates the file)."""
+    return os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+class Vmm:
+    """Firecracker's pre-boot / runtime controllers, as far as a double can go."""
+
+    def __init__(self, instance_id: str, version: str, exit_process: Callable[[int], None]) -> None:
+        self.instance_id = instance_id
+        self.version = version
+        self.exit_process = exit_process
+        self.lock = threading.Lock()
+        self.started = False
+        self.paused = False
+        self.machine: dict[str, Any] = _default_machine()
+        self.boot_source: dict[str, Any] | None = None
+        self.drives: dict[str, dict[str, Any]] = {}
+        self.nets: dict[str, dict[str, Any]] = {}
+        self.logger: dict[str, Any] | None = None
+        self.metrics_path: str | None = None
+        self.metrics_fd: int | None = None
+        self.other: dict[str, Any] = {}
+        self.ctrl_alt_del_pending = False
+        self.last_flush = time.monotonic()
+
+    # Dispatch ----------------------------------------------------------------
+    def handle(self, route: Route, params: dict[str, str], body: Any) -> tuple[int, Any]:
+        key = (route.method, route.template)
+        if key in PRE_BOOT_ONLY and self.started:
+            raise Fault(NOT_AFTER_BOOT)
+        if key in POST_BOOT_ONLY and not self.started:
+            raise Fault(NOT_BEFORE_BOOT)
+        handler = _HANDLERS.get(key)
+        if handler is not None:
+            return handler(self, params, body)
+        if route.method == "GET":
+            raise Fault(f"THIS TEST DOUBLE does not implement {route.method} {route.template}.")
+        self.other[f"{route.method} {route.template} {params}"] = body
+        return 204, None
+
+    # GETs ------------------------------------------------------------------------
+    def get_instance(self, _p: dict, _b: Any) -> tuple[int, Any]:
+        state = "Not started" if not self.started else ("Paused" if self.paused else "Running")
+        return 200, {
+            "app_name": "Firecracker",
+            "id": self.instance_id,
+            "state": state,
+            "vmm_version": self.version,
+        }
+
+    def get_version(self, _p: dict, _b: Any) -> tuple[int, Any]:
+        return 200, {"firecracker_version": self.version}
+
+    def get_machine_config(self, _p: dict, _b: Any) -> tuple[int, Any]:
+        return 200, dict(self.machine)
+
+    def get_vm_config(self, _p: dict, _b: Any) -> tuple[int, Any]:
+        config: dict[str, Any] = {
+            "machine-config": dict(self.machine),
+            "drives": list(self.drives.values()),
+            "network-interfaces": list(self.nets.values()),
+        }
+        if self.boot_source is not None:
+            config["boot-source"] = self.boot_source
+        if self.logger is not None:
+            config["logger"] = self.logger
+        if self.metrics_path is not None:
+            config["metrics"] = {"metrics_path": self.metrics_path}
+        return 200, config
+
+    # Pre-boot configuration --------------------------------------------------
+    def put_logger(self, _p: dict, body: dict[str, Any]) -> tuple[int, Any]:
+        path = body.get("log_path")
+        if path is not None:
+            try:
+                os.close(_open_nonblock(path))
+            except OSError as exc:
+                raise Fault(f"Logger error: Failed to open target file: {io_error(exc)}") from None
+        self.logger = body
+        return 204, None
+
+    def put_metrics(self, _p: dict, body: dict[str, Any]) -> tuple[int, Any]:
+        if self.metrics_fd is not None:
+            raise Fault("Metrics error: Reinitialization of metrics not allowed.")
+        try:
+            self.metrics_fd = _open_nonblock(body["metrics_path"])
+        except OSError as exc:
+            raise Fault(f"Metrics error: {io_error(exc)}") from None
+        self.metrics_path = body["metrics_path"]
+        return 204, None
+
+    def put_machine_config(self, _p: dict, body: dict[str, Any]) -> tuple[int, Any]:
+        self.machine = _check_machine({**_default_machine(), **body})
+        return 204, None
+
+    def patch_machine_config(self, _p: dict, body: dict[str, Any]) -> tuple[int, Any]:
+        self.machine = _check_machine({**self.machine, **body})
+        return 204, None
+
+    def put_boot_source(self, _p: dict, body: dict[str, Any]) -> tuple[int, Any]:
+        try:
+            os.close(os.open(body["kernel_image_path"], os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            raise Fault(f"Boot source error: The kernel file cannot be opened: {io_error(exc)}") from None
+        if "initrd_path" in body:
+            try:
+                os.close(os.open(body["initrd_path"], os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                raise Fault(
+                    "Boot source error: The initrd file cannot be opened due to invalid path or "
+                    f"invalid permissions. {io_error(exc)}"
+                ) from None
+        if len(body.get("boot_args", "")) >= CMDLINE_MAX_SIZE:
+            raise Fault("Boot source error: The kernel command line is invalid: Command line string too large")
+        self.boot_source = body
+        return 204, None
+
+    def put_drive(self, params: dict[str, str], body: dict[str, Any]) -> tuple[int, Any]:
+        drive_id = params["drive_id"]
+        if "socket" not in body:
+            missing = [f for f in ("path_on_host", "is_read_only") if f not in body]
+            if missing:
+                raise Fault(
+                    "Drive config error: Unable to create the virtio block device: "
+                    f"{' and '.join(missing)} required for a virtio-block drive"
+                )
+            flags = os.O_RDONLY if body["is_read_only"] else os.O_RDWR
+            try:
+                os.close(os.open(body["path_on_host"], flags | os.O_CLOEXEC))
+            except OSError as exc:
+                raise Fault(
+                    "Drive config error: Unable to create the virtio block device: Virtio "
+                    f"backend error: Error manipulating the backing file: {io_error(exc)} "
+                    f"{body['path_on_host']}"
+                ) from None
+        if body["is_root_device"]:
+            for other_id, other in self.drives.items():
+                if other_id != drive_id and other["is_root_device"]:
+                    raise Fault("Drive config error: A root block device already exists!")
+        self.drives[drive_id] = body
+        return 204, None
+
+    def put_net(self, params: dict[str, str], body: dict[str, Any]) -> tuple[int, Any]:
+        iface_id = params["iface_id"]
+        tap = body["host_dev_name"]
+        mac = body.get("guest_mac")
+        if mac is not None and not MAC_RE.match(mac):
+            raise Fault(DESERIALIZE.format(f"invalid MAC address {mac!r}"))
+        if not tap or len(tap.encode()) >= IFNAMSIZ:
+            raise Fault(
+                "Network config error: Could not create the network device: Open tap device "
+                f"failed: Invalid TAP name: {tap}"
+            )
+        for other_id, other in self.nets.items():
+            if other_id == iface_id:
+                continue
+            if mac is not None and other.get("guest_mac", "").lower() == mac.lower():
+                raise Fault(f"Network config error: The MAC address is already in use: {mac}")
+            if other["host_dev_name"] == tap:
+                raise Fault(
+                    "Network config error: Could not create the network device: Open tap "
+                    "device failed: Error while creating ifreq structure: Device or resource "
+                    "busy (os error 16)."
+                )
+        if os.environ.get("FC_DOUBLE_CHECK_TAP") == "1" and not Path(f"/sys/class/net/{tap}").exists():
+            raise Fault(
+                "Network config error: Could not create the network device: Open tap device "
+                f"failed: TAP {tap} does not exist in this network namespace"
+            )
+        self.nets[iface_id] = body
+        return 204, None
+
+    # Actions and runtime -----------------------------------------------------------
+    def put_action(self, _p: dict, body: dict[str, Any]) -> tuple[int, Any]:
+        action = body["action_type"]
+        if action == "InstanceStart":
+            if self.started:
+                raise Fault(NOT_AFTER_BOOT)
+            if self.boot_source is None:
+                raise Fault("Start microvm error: Cannot start microvm without kernel configuration.")
+            self.started = True
+            self.last_flush = time.monotonic()
+            print(f"[double] {self.instance_id}: InstanceStart", flush=True)
+            return 204, None
+        if not self.started:
+            raise Fault(NOT_BEFORE_BOOT)
+        if action == "FlushMetrics":
+            self.flush_metrics()  # like Firecracker: nothing written if never configured
+            return 204, None
+        # SendCtrlAltDel
+        if os.environ.get("FC_DOUBLE_IGNORE_CTRLALTDEL") != "1":
+            self.ctrl_alt_del_pending = True
+            if not self.paused:
+                self._schedule_poweroff()
+        return 204, None
+
+    def patch_vm(self, _p: dict, body: dict[str, Any]) -> tuple[int, Any]:
+        self.paused = body["state"] == "Paused"
+        if not self.paused and self.ctrl_alt_del_pending:
+            self._schedule_poweroff()
+        return 204, None
+
+    def _schedule_poweroff(self) -> None:
+        delay = float(os.environ.get("FC_DOUBLE_POWEROFF_DELAY", "0.1"))
+
+        def poweroff() -> None:
+            with self.lock:
+                self.flush_metrics()
+            print(f"[double] {self.instance_id}: guest powered off", flush=True)
+            self.exit_process(0)
+
+        timer = threading.Timer(delay, poweroff)
+        timer.daemon = True
+        timer.start()
+
+    def flush_metrics(self) -> None:
+        if self.metrics_fd is None:
+            return
+        running = self.started and not self.paused
+        line: dict[str, Any] = {"utc_timestamp_ms": int(time.time() * 1000)}
+        block_total = dict.fromkeys(_BLOCK_KEYS, 0)
+        for drive_id, drive in self.drives.items():
+            device = dict.fromkeys(_BLOCK_KEYS, 0)
+            if running:
+                for key, value in BLOCK_PER_FLUSH.items():
+                    if key.startswith("write") and drive.get("is_read_only"):
+                        continue
+                    device[key] = value
+            line[f"block_{drive_id}"] = device
+            for key, value in device.items():
+                block_total[key] += value
+        line["block"] = block_total
+        net_total = dict.fromkeys(_NET_KEYS, 0)
+        for iface_id in self.nets:
+            device = dict.fromkeys(_NET_KEYS, 0)
+            if running:
+                device.update(NET_PER_FLUSH)
+            line[f"net_{iface_id}"] = device
+            for key, value in device.items():
+                net_total[key] += value
+        line["net"] = net_total
+        line["vmm"] = {"panic_count": 0}
+        data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
+        try:
+            os.write(self.metrics_fd, data)
+        except BlockingIOError:
+            pass  # a FIFO nobody reads: Firecracker drops the line too
+
+
+def _default_machine() -> dict[str, Any]:
+    return {
+        "vcpu_count": 1,
+        "mem_size_mib": 128,
+        "smt": False,
+        "track_dirty_pages": False,
+        "huge_pages": "None",
+    }
+
+
+def _check_machine(config: dict[str, Any]) -> dict[str, Any]:
+    vcpus = config["vcpu_count"]
+    if config.get("smt") and vcpus > 1 and vcpus % 2:
+        raise Fault(
+            "Machine config error: The number of vCPUs must be greater than 0, less than 32 "
+            "and must be 1 or an even number if SMT is enabled."
+        )
+    mem = config["mem_size_mib"]
+    if mem <= 0 or (config.get("huge_pages") == "2M" and mem % 2):
+        raise Fault(
+            "Machine config error: The memory size (MiB) is either 0, or not a multiple of the configured page size."
+        )
+    return config
+
+
+_HANDLERS: dict[tuple[str, str], Callable[[Vmm, dict, Any], tuple[int, Any]]] = {
+    ("GET", "/"): Vmm.get_instance,
+    ("GET", "/version"): Vmm.get_version,
+    ("GET", "/machine-config"): Vmm.get_machine_config,
+    ("GET", "/vm/config"): Vmm.get_vm_config,
+    ("PUT", "/logger"): Vmm.put_logger,
+    ("PUT", "/metrics"): Vmm.put_metrics,
+    ("PUT", "/machine-config"): Vmm.put_machine_config,
+    ("PATCH", "/machine-config"): Vmm.patch_machine_config,
+    ("PUT", "/boot-source"): Vmm.put_boot_source,
+    ("PUT", "/drives/{drive_id}"): Vmm.put_drive,
+    ("PUT", "/network-interfaces/{iface_id}"): Vmm.put_net,
+    ("PUT", "/actions"): Vmm.put_action,
+    ("PATCH", "/vm"): Vmm.patch_vm,
+}
+
+
+# --- HTTP over the unix socket -----------------------------------------------------
+
+
+def injected_failure(method: str, path: str, template: str) -> str | None:
+    items = [i.strip() for i in os.environ.get("FC_DOUBLE_FAIL", "").split(",") if i.strip()]
+    for item in items:
+        if item in (f"{method} {path}", f"{method} {template}"):
+            return os.environ.get("FC_DOUBLE_FAIL_MESSAGE", f"Injected failure (FC_DOUBLE_FAIL): {method} {path}")
+    return None
+
+
+class App:
+    """Validation + state + recording, independent of the HTTP server."""
+
+    def __init__(self, validator: SpecValidator, vmm: Vmm, record: Path | None) -> None:
+        self.validator = validator
+        self.vmm = vmm
+        self.record = record
+
+    def request(self, method: str, path: str, raw: bytes | None) -> tuple[int, Any]:
+        body: Any = None
+        status: int
+        payload: Any
+        with self.vmm.lock:
+            try:
+                route, params, body = self.validator.check(method, path, raw)
+                fault = injected_failure(method, path, route.template)
+                if fault is not None:
+                    raise Fault(fault)
+                status, payload = self.vmm.handle(route, params, body)
+            except Fault as exc:
+                status, payload = exc.status, {"fault_message": exc.message}
+            self._record(method, path, body, raw, status, payload)
+        return status, payload
+
+    def _record(self, method: str, path: str, body: Any, raw: bytes | None, status: int, payload: Any) -> None:
+        if self.record is None:
+            return
+        if body is None and raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw.decode(errors="replace")
+        entry = {
+            "method": method,
+            "path": path,
+            "body": body,
+            "status": status,
+            "fault": payload.get("fault_message") if isinstance(payload, dict) else None,
+        }
+        with open(self.record, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "Firecracker API"
+    sys_version = ""
+    app: App  # set on the subclass made in serve()
+
+    def _handle(self) -> None:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self._send(400, {"fault_message": "Chunked bodies are not supported."})
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else None
+        status, payload = self.app.request(self.command, self.path, raw)
+        self._send(status, payload)
+
+    do_GET = do_PUT = do_PATCH = _handle
+
+    def _refuse(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        msg = f"Invalid request method and/or path: {self.command} {self.path}."
+        self._send(400, {"fault_message": msg})
+
+    do_POST = do_DELETE = do_HEAD = do_OPTIONS = _refuse
+
+    def _send(self, status: int, payload: Any) -> None:
+        self.send_response(status)
+        if status == 204 or payload is None:
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = json.dumps(payload).encode()
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # the client address of a unix socket is empty; stay quiet
+
+
+class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+USAGE = "THIS IS A TEST DOUBLE of Firecracker.\nusage: firecracker_double.py [--api-sock PATH] [--id ID] [--version]\n"
+_VALUE_FLAGS = {"--api-sock", "--id", "--start-time-us", "--start-time-cpu-us", "--parent-cpu-time-us"}
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    """Firecracker's command line (the subset metald and the jailer use), strictly."""
+    opts: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--version", "--help"):
+            opts[arg] = ""
+        elif arg in _VALUE_FLAGS:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"error: argument {arg} needs a value\n{USAGE}")
+            if arg in opts:
+                raise SystemExit(f"error: argument {arg} given twice")
+            opts[arg] = argv[i + 1]
+            i += 1
+        else:
+            raise SystemExit(f"error: Found argument '{arg}' which wasn't expected\n{USAGE}")
+        i += 1
+    return opts
+
+
+def main(argv: list[str]) -> int:
+    opts = parse_args(argv)
+    spec_path = default_spec_path()
+    validator = SpecValidator.from_file(spec_path)
+    if "--help" in opts:
+        print(USAGE)
+        return 0
+    if "--version" in opts:
+        print(f"Firecracker v{validator.version}\n")
+        return 0
+    instance_id = opts.get("--id", "anonymous-instance")
+    if not INSTANCE_ID_RE.match(instance_id):
+        print(f"Invalid instance ID: {instance_id!r}", file=sys.stderr)
+        return 1
+    sock = opts.get("--api-sock", "/run/firecracker.socket")
+    if os.path.exists(sock) or os.path.islink(sock):
+        print(
+            f"Failed to open the API socket at: {sock}. Check that it is not already used.",
+            file=sys.stderr,
+        )
+        return 1
+
+    def exit_process(code: int) -> None:
+        sys.stdout.flush()
+        os._exit(code)
+
+    vmm = Vmm(instance_id, validator.version, exit_process)
+    record = os.environ.get("FC_DOUBLE_RECORD")
+    app = App(validator, vmm, Path(record) if record else None)
+    handler = type("BoundHandler", (Handler,), {"app": app})
+    server = Server(sock, handler)
+    if stat.S_ISSOCK(os.stat(sock).st_mode):
+        print(f"Running Firecracker v{validator.version} (THIS IS A TEST DOUBLE)", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.05)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
