@@ -1,0 +1,90 @@
+"""Reconciliation after a crash, with a fake VMM (real VMMs: tests/e2e)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from metald.core.engine import VmEngine
+from metald.core.errors import AlreadyExists
+from metald.core.models import VmDraft, VmState
+from metald.core.specs import draft_to_dict
+from metald.store.sqlite import Store
+from tests.support.fakes import FakeBackend, FakeNetwork
+from tests.support.server import make_settings
+
+
+def _draft(image: Path) -> VmDraft:
+    return VmDraft(1, 128 << 20, image / "vmlinuz", None, "console=ttyS0", (), None)
+
+
+@pytest.fixture
+def parts(tmp_path: Path):  # type: ignore[no-untyped-def]
+    settings = make_settings(tmp_path, network_enabled=True)
+    store = Store(settings.db_path)
+    yield settings, store
+    store.close()
+
+
+async def test_interrupted_create_is_rolled_back(parts) -> None:  # type: ignore[no-untyped-def]
+    settings, store = parts
+    network = FakeNetwork()
+    # what a crash between the first steps of CreateVm leaves behind
+    store.begin_intent("half", "create")
+    store.insert_vm("half", "", 1, b"", draft_to_dict(_draft(settings.image_dir)), "fake", 1, 128 << 20, {})
+    await network.allocate("half", None)
+    engine = VmEngine(settings, store, FakeBackend(), network)
+    report = await engine.start()
+    assert report.rolled_back == ["half"]
+    assert store.get_vm("half") is None and store.intents() == [] and "half" not in network.allocs
+
+
+async def test_interrupted_delete_is_finished(parts) -> None:  # type: ignore[no-untyped-def]
+    settings, store = parts
+    backend, network = FakeBackend(), FakeNetwork()
+    engine = VmEngine(settings, store, backend, network)
+    await engine.create("gone", "", _draft(settings.image_dir), b"")
+    store.begin_intent("gone", "delete")
+    report = await VmEngine(settings, store, backend, network).reconcile()
+    assert report.completed == ["gone"] and store.get_vm("gone") is None
+    assert ("cleanup", "gone") in backend.calls
+
+
+async def test_running_vm_whose_vmm_died_is_marked_shutdown(parts) -> None:  # type: ignore[no-untyped-def]
+    settings, store = parts
+    backend = FakeBackend()
+    engine = VmEngine(settings, store, backend, FakeNetwork())
+    await engine.create("r1", "", _draft(settings.image_dir), b"")
+    await engine.create("r2", "", _draft(settings.image_dir), b"")
+    await engine.boot("r1")
+    await engine.boot("r2")
+    restarted = FakeBackend()
+    restarted.adoptable = {"r2"}
+    report = await VmEngine(settings, store, restarted, FakeNetwork()).reconcile()
+    assert report.adopted == ["r2"] and report.marked_shutdown == ["r1"]
+    row = store.get_vm("r1")
+    assert row.state == VmState.SHUTDOWN and "metald was not running" in row.status["last_exit"]
+    assert store.get_vm("r2").state == VmState.RUNNING
+
+
+async def test_duplicate_create_is_refused_before_side_effects(parts) -> None:  # type: ignore[no-untyped-def]
+    settings, store = parts
+    network = FakeNetwork()
+    engine = VmEngine(settings, store, FakeBackend(), network)
+    await engine.create("dup", "", _draft(settings.image_dir), b"")
+    with pytest.raises(AlreadyExists):
+        await engine.create("dup", "", _draft(settings.image_dir), b"")
+    assert list(network.allocs) == ["dup"]
+
+
+async def test_failed_create_step_leaves_nothing(parts, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    settings, store = parts
+    network = FakeNetwork()
+    engine = VmEngine(settings, store, FakeBackend(), network)
+    for step in ("record", "allocate", "validate", "rundir"):
+        monkeypatch.setenv("METALD_FAULTS", f"fail:create.{step}")
+        with pytest.raises(Exception, match="injected"):
+            await engine.create("f1", "", _draft(settings.image_dir), b"")
+        assert store.get_vm("f1") is None and network.allocs == {} and store.intents() == []
+        assert not (settings.run_dir / "f1").exists()
