@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -122,7 +123,43 @@ class Settings(BaseSettings):
 
     # --- Security ------------------------------------------------------------
     tls_mode: Literal["disabled", "file", "spiffe"] = Field(
-        "disabled", description="Transport security of the API"
+        "disabled",
+        description="Transport security of the API: disabled (plaintext, loopback), file (mTLS from PEM files) "
+        "or spiffe (mTLS with SVIDs from the SPIRE agent). With TLS every connection, /_/health "
+        "included, needs a client certificate",
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="file mode: the server certificate chain (PEM); reloaded when it changes"
+    )
+    tls_key_file: Path | None = Field(
+        None, description="file mode: the server private key (PEM); reloaded when it changes"
+    )
+    tls_ca_file: Path | None = Field(
+        None, description="file mode: CA certificates (PEM) client certificates must chain to; reloaded when it changes"
+    )
+    tls_reload_seconds: float = Field(
+        5.0,
+        ge=0.05,
+        le=3600,
+        description="How often file mode checks the certificate files for changes, and spiffe mode that the "
+        "Workload API stream (which pushes rotations) is still open",
+    )
+    spiffe_socket: str = Field(
+        "/var/lib/spire/agent/agent.sock",
+        description="spiffe mode: the SPIRE agent's Workload API socket (a path or unix:///path)",
+    )
+    spiffe_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="spiffe mode: how long startup waits for the first SVID before giving up"
+    )
+    spiffe_trust_domain: str = Field(
+        "",
+        description="Trust domain client SPIFFE IDs must belong to (file mode: empty accepts any; "
+        "spiffe mode: the SVID's, and this must match it if set)",
+    )
+    spiffe_allowed_ids: str = Field(
+        "",
+        description="Comma-separated SPIFFE IDs allowed to call the API (an entry ending in /* allows that "
+        "path prefix); empty allows every ID of the trust domain",
     )
 
     # --- Tenancy -------------------------------------------------------------
@@ -171,6 +208,27 @@ class Settings(BaseSettings):
                 "UNKEY_METALD_NETWORK_VM_SUBNET_IPV4"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if self.tls_mode == "file":
+            missing = [n for n in ("tls_cert_file", "tls_key_file", "tls_ca_file") if getattr(self, n) is None]
+            if missing:
+                names = ", ".join(ENV_PREFIX + n.upper() for n in missing)
+                raise ValueError(f"UNKEY_METALD_TLS_MODE=file needs {names}")
+        socket = self.spiffe_socket.removeprefix("unix://")
+        if not socket.startswith("/"):
+            raise ValueError("UNKEY_METALD_SPIFFE_SOCKET must be an absolute path or unix:///path")
+        if self.spiffe_trust_domain and not re.fullmatch(r"[a-z0-9._-]+", self.spiffe_trust_domain):
+            raise ValueError("UNKEY_METALD_SPIFFE_TRUST_DOMAIN must be a trust domain name like example.org")
+        for entry in self.allowed_spiffe_ids:
+            if not entry.startswith("spiffe://"):
+                raise ValueError(f"UNKEY_METALD_SPIFFE_ALLOWED_IDS: {entry!r} is not a spiffe:// ID")
+        return self
+
+    @property
+    def allowed_spiffe_ids(self) -> list[str]:
+        return [i.strip() for i in self.spiffe_allowed_ids.split(",") if i.strip()]
 
     @property
     def db_path(self) -> Path:

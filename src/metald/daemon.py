@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
@@ -14,11 +16,16 @@ from hypercorn.config import Config as HypercornConfig
 from metald.api.app import MetaldApp
 from metald.api.health import Health
 from metald.api.service import VmServiceImpl
+from metald.api.tls import ServerTls, open_tls
 from metald.backends.factory import make_backend
 from metald.config import Settings
 from metald.core.engine import VmEngine
 from metald.core.ports import Network
 from metald.store.sqlite import Store
+
+if TYPE_CHECKING:
+    from metald.observability.metrics import Metrics
+    from metald.observability.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,8 @@ class Daemon:
     store: Store
     engine: VmEngine
     app: MetaldApp
+    metrics: Metrics | None = None  # set when UNKEY_METALD_OTEL_ENABLED
+    tracing: Tracing | None = None
 
 
 def bind_address(settings: Settings) -> str:
@@ -50,7 +59,7 @@ def bind_address(settings: Settings) -> str:
     return "127.0.0.1"
 
 
-async def build(settings: Settings) -> Daemon:
+async def build(settings: Settings, tls: ServerTls | None = None) -> Daemon:
     store = Store(settings.db_path)
     backend = await make_backend(settings)
     network: Network | None = None
@@ -59,6 +68,15 @@ async def build(settings: Settings) -> Daemon:
 
         network = NetworkManager(settings, store)
     engine = VmEngine(settings, store, backend, network)
+    metrics: Metrics | None = None
+    tracing: Tracing | None = None
+    if settings.otel_enabled:  # imported only when enabled
+        from metald.observability.metrics import Metrics
+        from metald.observability.tracing import Tracing
+
+        metrics, tracing = Metrics(settings), Tracing(settings)
+        metrics.attach(engine)
+        tracing.attach(engine)
 
     async def store_check() -> tuple[bool, str]:
         store.ping()
@@ -68,15 +86,20 @@ async def build(settings: Settings) -> Daemon:
     if network is not None:
         checks["network"] = network.check
     health = Health(checks, backend.name)
-    app = MetaldApp(VmServiceImpl(engine, settings), health, settings.max_request_bytes)
-    return Daemon(settings, store, engine, app)
+    peer_identity = tls.peer_identity if tls is not None else None  # with TLS: the client certificate's SPIFFE ID
+    app = MetaldApp(VmServiceImpl(engine, settings), health, settings.max_request_bytes, peer_identity=peer_identity)
+    return Daemon(settings, store, engine, app, metrics, tracing)
 
 
 async def run(settings: Settings) -> None:
     address = bind_address(settings)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    daemon = await build(settings)
-    report = await daemon.engine.start()
+    tls = await open_tls(settings)  # TlsError: refuse to start, never plaintext instead
+    daemon = await build(settings, tls)
+    with daemon.tracing.span("metald.reconcile") if daemon.tracing else contextlib.nullcontext():
+        report = await daemon.engine.start()
+    if daemon.metrics is not None:
+        daemon.metrics.record_reconcile(report)
     log.info("metald ready", extra={"port": settings.port, "adopted": len(report.adopted)})
 
     stop = asyncio.Event()
@@ -85,15 +108,24 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
 
-    config = HypercornConfig()
+    config = tls.hypercorn_config() if tls is not None else HypercornConfig()
     host = f"[{address}]" if ":" in address else address
     config.bind = [f"{host}:{settings.port}"]
     config.graceful_timeout = settings.shutdown_grace_seconds
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
+    app = daemon.tracing.wrap(daemon.app) if daemon.tracing else daemon.app
     try:
-        await serve(daemon.app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        if daemon.metrics is not None:
+            await daemon.metrics.start()
+        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
     finally:
         log.info("stopping: VMs keep running")
+        if daemon.metrics is not None:
+            await daemon.metrics.stop()
         await daemon.engine.close()
         daemon.store.close()
+        if tls is not None:
+            await tls.close()
+        if daemon.tracing is not None:
+            await asyncio.to_thread(daemon.tracing.shutdown)  # flushes queued spans

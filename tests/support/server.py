@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +17,9 @@ from hypercorn.config import Config
 from metald.api.app import MetaldApp
 from metald.api.health import Health
 from metald.api.service import VmServiceImpl
+from metald.api.tls import open_tls
 from metald.config import Settings
-from metald.core.engine import VmEngine
+from metald.core.engine import ReconcileReport, VmEngine
 from metald.store.sqlite import Store
 
 
@@ -36,6 +37,7 @@ class RunningServer:
     store: Store
     backend: Any
     loop: asyncio.AbstractEventLoop
+    tls: Any = None  # the server's metald.api.tls.ServerTls when served with tls=True
 
     def call(self, coro: Any) -> Any:
         """Run a coroutine on the server's loop (e.g. to poke the engine)."""
@@ -60,7 +62,19 @@ def make_settings(tmp: Path, **overrides: Any) -> Settings:
 
 
 @contextmanager
-def serve_in_thread(settings: Settings, backend: Any, network: Any = None) -> Iterator[RunningServer]:
+def serve_in_thread(
+    settings: Settings,
+    backend: Any,
+    network: Any = None,
+    *,
+    wrap_app: Callable[[Any], Any] | None = None,
+    on_start: Callable[[VmEngine, ReconcileReport], Awaitable[None]] | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    tls: bool = False,
+) -> Iterator[RunningServer]:
+    """Serve on a free loopback port; the optional hooks wrap the ASGI app, run after
+    the engine started (with its reconcile report) and after the server stopped. With tls=True
+    it serves https per settings.tls_mode, callers identified by their client certificates."""
     loop = asyncio.new_event_loop()
     store = Store(settings.db_path)
     stop = asyncio.Event()
@@ -69,9 +83,13 @@ def serve_in_thread(settings: Settings, backend: Any, network: Any = None) -> It
     holder: dict[str, Any] = {}
 
     async def main() -> None:
+        server_tls = await open_tls(settings) if tls else None
+        holder["tls"] = server_tls
         engine = VmEngine(settings, store, backend, network)
         holder["engine"] = engine
-        await engine.start()
+        report = await engine.start()
+        if on_start is not None:
+            await on_start(engine, report)
 
         async def store_check() -> tuple[bool, str]:
             return True, "ok"
@@ -80,12 +98,14 @@ def serve_in_thread(settings: Settings, backend: Any, network: Any = None) -> It
             VmServiceImpl(engine, settings),
             Health({"store": store_check, "backend": backend.ping}, backend.name),
             settings.max_request_bytes,
+            peer_identity=server_tls.peer_identity if server_tls is not None else None,
         )
-        config = Config()
+        config = server_tls.hypercorn_config() if server_tls is not None else Config()
         config.bind = [f"127.0.0.1:{port}"]
         config.accesslog = None
         config.graceful_timeout = 1
-        task = asyncio.ensure_future(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+        served = wrap_app(app) if wrap_app is not None else app
+        task = asyncio.ensure_future(serve(served, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
         for _ in range(200):
             try:
                 _, w = await asyncio.open_connection("127.0.0.1", port)
@@ -95,12 +115,17 @@ def serve_in_thread(settings: Settings, backend: Any, network: Any = None) -> It
                 await asyncio.sleep(0.02)
         ready.set()
         await task
+        if server_tls is not None:
+            await server_tls.close()
+        if on_stop is not None:
+            await on_stop()
 
     thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
     thread.start()
     assert ready.wait(20), "server did not start"
     try:
-        yield RunningServer(f"http://127.0.0.1:{port}", port, holder["engine"], store, backend, loop)
+        scheme = "https" if tls else "http"
+        yield RunningServer(f"{scheme}://127.0.0.1:{port}", port, holder["engine"], store, backend, loop, holder["tls"])
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)

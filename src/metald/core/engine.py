@@ -97,7 +97,6 @@ class VmEngine:
         self._locks: dict[str, asyncio.Lock] = {}
         self._create_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._expected_exit: set[str] = set()
         backend.set_exit_callback(self._on_vmm_exit)
 
     # --- plumbing ------------------------------------------------------------
@@ -274,7 +273,6 @@ class VmEngine:
                 self.store.update_vm(vm_id, handle=handle)
 
             async def stop_vmm() -> None:
-                self._expected_exit.add(vm_id)
                 await self.backend.shutdown(vm_id, True, 0)
 
             async def record() -> None:
@@ -339,7 +337,6 @@ class VmEngine:
             row = self._row(vm_id)
             self._require(row, ACTIVE, "shut down")
             self.store.begin_intent(vm_id, "shutdown")
-            self._expected_exit.add(vm_id)
             try:
                 how = await self._backend_call(self.backend.shutdown(vm_id, force, timeout_s))
             finally:
@@ -359,7 +356,6 @@ class VmEngine:
             self._require(row, (VmState.RUNNING,), "reboot")
             spec = self._spec(row)
             self.store.begin_intent(vm_id, "reboot")
-            self._expected_exit.add(vm_id)
             try:
                 handle = await self._backend_call(self.backend.reboot(spec, force))
             except MetaldError:
@@ -399,7 +395,6 @@ class VmEngine:
         """Remove everything of one VM; each part is idempotent, so this can run
         again after a crash."""
         vm_id = row.vm_id
-        self._expected_exit.add(vm_id)
         steps: list[Step] = [FuncStep("vmm", lambda: self.backend.cleanup(vm_id))]
         alloc = self._alloc(row)
         if self.network is not None:
@@ -461,10 +456,12 @@ class VmEngine:
 
     # --- supervision ---------------------------------------------------------
     def _on_vmm_exit(self, vm_id: str, reason: str) -> None:
-        """A VMM exited on its own: record the VM as SHUTDOWN with the reason."""
-        if vm_id in self._expected_exit:
-            self._expected_exit.discard(vm_id)
-            return
+        """A VMM exited on its own: record the VM as SHUTDOWN with the reason.
+
+        Runs under the VM's lock, so an exit seen during an operation that stops
+        or restarts the VMM itself (shutdown, reboot, delete) is judged after it:
+        only a VM still recorded as running whose VMM is gone changes state.
+        """
         task = asyncio.get_running_loop().create_task(self._record_exit(vm_id, reason))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -83,6 +83,7 @@ class VmMetrics:
 
     measured: bool = False
     cpu_usage_percent: float = 0.0
+    cpu_seconds: float = 0.0  # VMM process CPU time (user + system), cumulative
     memory_usage_bytes: int = 0
     net_rx_bytes: int = 0
     net_tx_bytes: int = 0
