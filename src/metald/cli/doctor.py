@@ -171,7 +171,7 @@ def check_spiffe(s: Settings) -> Finding:
     if s.tls_mode != "spiffe":
         detail = "TLS disabled: API bound to loopback" if s.tls_mode == "disabled" else f"TLS mode {s.tls_mode}"
         return Finding("spiffe", "ok", detail)
-    sock = Path(os.environ.get("UNKEY_METALD_SPIFFE_SOCKET", "/var/lib/spire/agent/agent.sock"))
+    sock = Path(str(s.spiffe_socket).removeprefix("unix://"))
     if not sock.is_socket():
         return Finding("spiffe", "fail", f"SPIRE agent socket {sock} missing", "systemctl start spire-agent")
     return Finding("spiffe", "ok", str(sock))

@@ -45,6 +45,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(run(settings))
     except KeyboardInterrupt:
         pass
+    except Exception as exc:
+        from metald.api.tls import TlsError
+        from metald.core.errors import Unavailable
+
+        if isinstance(exc, TlsError | ConfigError | Unavailable):
+            print(f"metald: cannot start: {exc}", file=sys.stderr)
+            return 2
+        raise
     return 0
 
 
