@@ -69,6 +69,13 @@ MIGRATIONS: list[str] = [
         detail TEXT NOT NULL DEFAULT '{}'
     );
     """,
+    # 2: short ids used in per-VM device names (vh_/vn_/tap_<short>), unique
+    """
+    CREATE TABLE net_short_ids (
+        short_id TEXT PRIMARY KEY,
+        vm_id TEXT NOT NULL UNIQUE
+    );
+    """,
 ]
 
 
@@ -247,6 +254,7 @@ class Store:
             db.execute("DELETE FROM vms WHERE vm_id = ?", (vm_id,))
             db.execute("DELETE FROM ip_allocations WHERE vm_id = ?", (vm_id,))
             db.execute("DELETE FROM port_allocations WHERE vm_id = ?", (vm_id,))
+            db.execute("DELETE FROM net_short_ids WHERE vm_id = ?", (vm_id,))
             db.execute("DELETE FROM intents WHERE vm_id = ?", (vm_id,))
 
     def list_vms(
@@ -394,3 +402,32 @@ class Store:
     def release_ports(self, vm_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM port_allocations WHERE vm_id = ?", (vm_id,))
+
+    # --- device-name short ids -------------------------------------------------
+    def claim_short_id(self, vm_id: str, short_id: str) -> None:
+        """Record ``short_id`` as the VM's; AddressTaken if another VM holds it."""
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO net_short_ids (short_id, vm_id) VALUES (?,?)",
+                    (short_id, vm_id),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise AddressTaken(short_id) from exc
+
+    def short_id_of(self, vm_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT short_id FROM net_short_ids WHERE vm_id = ?", (vm_id,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def release_short_id(self, vm_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM net_short_ids WHERE vm_id = ?", (vm_id,))
+
+    def short_ids(self) -> dict[str, str]:
+        """short_id -> vm_id for every VM holding one."""
+        with self._lock:
+            rows = self._db.execute("SELECT short_id, vm_id FROM net_short_ids").fetchall()
+        return dict(rows)

@@ -1,0 +1,283 @@
+"""Named network namespaces (``/run/netns/<name>``) without forking.
+
+A thread can switch its own network namespace with ``setns(2)``; sockets,
+``/proc/sys/net`` and ``/dev/net/tun`` opened while switched belong to that
+namespace and stay there after the thread switches back. All namespace work
+therefore runs on a small dedicated thread pool (:func:`run`): each task enters
+the namespace, does its netlink/sysctl/ioctl calls, and leaves. No helper
+process is spawned (pyroute2's ``netns=`` support forks one per socket) and
+every descriptor is closed before the task returns.
+
+Creation mirrors ``ip netns add``: /run/netns is made a shared mount point, a
+thread ``unshare(CLONE_NEWNET)``s and its namespace file is bind-mounted on
+``/run/netns/<name>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+from pyroute2 import IPRoute
+
+NETNS_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_SHARED = 1 << 20
+MNT_DETACH = 0x2
+WORKERS = 2
+
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="metald-netns")
+_dir_ready = False
+_dir_lock = threading.Lock()
+_local = threading.local()
+
+
+class NamespaceMissing(FileNotFoundError):
+    pass
+
+
+def _check(ret: int, what: str, target: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", target)
+
+
+def _setns(fd: int, target: str) -> None:
+    _check(_libc.setns(fd, CLONE_NEWNET), "setns", target)
+
+
+def path_of(name: str) -> Path:
+    return NETNS_DIR / name
+
+
+def exists(name: str) -> bool:
+    """True if /run/netns/<name> is a mounted namespace (not a stale empty file)."""
+    try:
+        st = os.stat(path_of(name))
+    except FileNotFoundError:
+        return False
+    return st.st_dev == os.stat("/proc/self/ns/net").st_dev
+
+
+def list_names() -> list[str]:
+    try:
+        return sorted(os.listdir(NETNS_DIR))
+    except FileNotFoundError:
+        return []
+
+
+def _go_home() -> None:
+    """Make sure this pool thread is in the process's own namespace.
+
+    A task always switches back; this guards against a failed switch-back
+    leaving the thread elsewhere for the next task.
+    """
+    mine = os.stat("/proc/thread-self/ns/net").st_ino
+    if mine != os.stat("/proc/self/ns/net").st_ino:
+        fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(fd, "home")
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def entered(name: str | None) -> Iterator[None]:
+    """Run the body with this thread inside namespace ``name`` (None: stay)."""
+    if name is None:
+        yield
+        return
+    try:
+        target = os.open(path_of(name), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NamespaceMissing(errno.ENOENT, "no such network namespace", name) from None
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(target, name)
+        try:
+            yield
+        finally:
+            _setns(home, "home")
+    finally:
+        os.close(target)
+        os.close(home)
+
+
+def _task(name: str | None, fn: Callable[..., T], *args: object) -> T:
+    _go_home()
+    if getattr(_local, "ipr", None) is None:
+        _local.ipr = IPRoute(groups=0)
+    try:
+        with entered(name):
+            return fn(*args)
+    except OSError as exc:
+        if exc.errno in (errno.EBADF, errno.ECONNRESET, errno.ENOBUFS):
+            _drop_host_ipr()
+        raise
+
+
+def _drop_host_ipr() -> None:
+    ipr = getattr(_local, "ipr", None)
+    _local.ipr = None
+    if ipr is not None:
+        try:
+            ipr.close()
+        except OSError:
+            pass
+
+
+def host_ipr() -> IPRoute:
+    """This pool thread's netlink socket in the process's own namespace.
+
+    Opened once per pool thread (not subscribed to any multicast group, so
+    nothing queues up on it) and usable even while the thread is inside
+    another namespace: a socket stays in the namespace it was made in.
+    """
+    ipr = getattr(_local, "ipr", None)
+    if ipr is None:
+        raise RuntimeError("host_ipr() outside a namespace-pool task")
+    return ipr
+
+
+def ns_ipr() -> IPRoute:
+    """A new netlink socket in the calling thread's current namespace (close it)."""
+    return IPRoute(groups=0)
+
+
+async def run(name: str | None, fn: Callable[..., T], *args: object) -> T:
+    """Run blocking ``fn(*args)`` on the namespace pool, inside ``name``."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_executor, partial(_task, name, fn, *args))
+
+
+def _prepare_dir() -> None:
+    """Make NETNS_DIR a shared mount point, as iproute2 does."""
+    global _dir_ready
+    with _dir_lock:
+        if _dir_ready:
+            return
+        NETNS_DIR.mkdir(parents=True, exist_ok=True)
+        d = str(NETNS_DIR).encode()
+        if _libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None) != 0:
+            _check(_libc.mount(d, d, b"none", MS_BIND | MS_REC, None), "bind", str(d))
+            _check(_libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None), "share", str(d))
+        _dir_ready = True
+
+
+def create_sync(name: str) -> bool:
+    """Create namespace ``name``; False if it already existed. Pool threads only."""
+    if exists(name):
+        return False
+    _prepare_dir()
+    path = path_of(name)
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
+    except FileExistsError:
+        pass  # an empty leftover file from an interrupted create: mount over it
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(_libc.unshare(CLONE_NEWNET), "unshare", name)
+        try:
+            ret = _libc.mount(
+                b"/proc/thread-self/ns/net", str(path).encode(), b"none", MS_BIND, None
+            )
+            _check(ret, "mount", name)
+        finally:
+            _setns(home, "home")
+    except BaseException:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        os.close(home)
+    return True
+
+
+def remove_sync(name: str) -> bool:
+    """Unmount and delete /run/netns/<name>; False if it was not there.
+
+    The namespace itself (and every device in it) goes away when its last user
+    does, e.g. a VMM still running inside keeps it alive.
+    """
+    path = path_of(name)
+    if not os.path.lexists(path):
+        return False
+    if _libc.umount2(str(path).encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not a mount point
+            raise OSError(err, f"umount: {os.strerror(err)}", name)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    return True
+
+
+async def create(name: str) -> bool:
+    return await run(None, create_sync, name)
+
+
+async def remove(name: str) -> bool:
+    return await run(None, remove_sync, name)
+
+
+def write_sysctl(key: str, value: str, missing_ok: bool = False) -> None:
+    """Write /proc/sys/<key> (dots or slashes) in the calling thread's namespace."""
+    path = "/proc/sys/" + key.replace(".", "/") if "/" not in key else "/proc/sys/" + key
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+def read_sysctl(key: str) -> str | None:
+    path = "/proc/sys/" + key.replace(".", "/") if "/" not in key else "/proc/sys/" + key
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def ifindex(ifname: str) -> int | None:
+    """Index of ``ifname`` in the calling thread's namespace (an ioctl, no dump)."""
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        return None
+
+
+def set_up(ifname: str) -> None:
+    """``ip link set <ifname> up`` in the calling thread's namespace, by ioctl."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH22x", ifname.encode(), 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, req))[1]
+        if not flags & IFF_UP:
+            fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH22x", ifname.encode(),
+                                                             flags | IFF_UP))

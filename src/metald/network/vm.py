@@ -1,0 +1,586 @@
+"""One VM's network: namespace, veth pair, TAP, proxy ARP, routes, neighbours,
+rate limits and its nft elements, as undoable plan steps.
+
+Topology (SPEC section 2)::
+
+    host: br-vms 10.100.0.1/16 ── vh_<s> (bridge port)
+                                     │ veth
+    fc-<vm-id>:                     vn_<s> (no IPv4 address) ─ routing ─ tap_<s>
+                                                                           │
+    guest: eth0 <VM IP>/16, gateway 10.100.0.1 ────────────────────────────┘
+
+The namespace is a tiny router with no address of its own: forwarding on,
+proxy ARP on ``vn_`` and ``tap_``, ``<VM IP>/32 dev tap_``, ``<gw>/32 dev vn_``
+(link scope) and ``default via <gw> dev vn_``. (Putting the VM IP on ``vn_``
+would make the namespace swallow the VM's traffic.) Permanent neighbour
+entries avoid ARP across the bridge, and with it the flooding of every VM
+port: the host maps the VM IP to ``vn_``'s MAC (plus a static FDB entry), the
+namespace maps the gateway to the bridge's fixed MAC and the VM IP to the
+guest's MAC, so the guest must use the allocated MAC. Proxy ARP answers the
+guest's own ARP (for its gateway or any address of its subnet) on ``tap_``.
+
+Each step checks the real state in ``is_done`` and is safe to repeat. When the
+``netns`` step created the namespace in this run, later steps know that
+nothing of theirs can exist inside it yet and skip the check. The nft steps
+``create`` their elements and learn from "exists" that a previous run added
+them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from metald.core.errors import BackendError
+from metald.core.models import NetworkAllocation, RateLimit
+from metald.core.plan import Step
+from metald.network import names, netns, nft, rules, tc
+from metald.network.reaper import LinkReaper
+
+log = logging.getLogger(__name__)
+
+TUN_DEVICE = "/dev/net/tun"
+TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
+TUNSETOWNER = 0x400454CC
+TUNSETGROUP = 0x400454CE
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_UP = 0x1
+NUD_NOARP = 0x40
+NUD_PERMANENT = 0x80
+NTF_MASTER = 0x04
+AF_INET = 2
+RT_TABLE_MAIN = 254
+RT_SCOPE_LINK = 253
+IFALIAS_PREFIX = "metald:"
+
+
+@dataclass
+class RunState:
+    """What the steps of one plan run learn from each other."""
+
+    fresh_ns: bool = False  # the netns step created the namespace in this run
+
+
+@dataclass(frozen=True)
+class VmNet:
+    """Everything the per-VM functions need, derived from the allocation."""
+
+    vm_id: str
+    alloc: NetworkAllocation
+    bridge: str
+    owner_uid: int | None = None
+    owner_gid: int | None = None
+    run: RunState = field(default_factory=RunState, compare=False)
+
+    @property
+    def ns(self) -> str:
+        return self.alloc.namespace
+
+    @property
+    def vn_mac(self) -> str:
+        return names.ns_veth_mac(self.alloc.short_id)
+
+    @property
+    def bridge_mac(self) -> str:
+        return names.bridge_mac(self.bridge)
+
+
+def vm_id_of(alloc: NetworkAllocation) -> str:
+    vm_id = names.vm_id_of_namespace(alloc.namespace)
+    if vm_id is None:
+        raise ValueError(f"allocation namespace {alloc.namespace!r} is not fc-<vm-id>")
+    return vm_id
+
+
+# --- small netlink helpers (run on the namespace pool) -------------------------
+
+
+def _ignore(codes: tuple[int, ...], fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except NetlinkError as exc:
+        if exc.code not in codes:
+            raise
+
+
+def get_link(ipr: IPRoute, ifname: str) -> Any | None:
+    """The link message for ``ifname`` (one RTM_GETLINK), or None."""
+    try:
+        return ipr.link("get", ifname=ifname)[0]
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+
+
+def _is_up(link: Any | None) -> bool:
+    return link is not None and bool(link["flags"] & IFF_UP)
+
+
+def _delete_link(ipr: IPRoute, ifname: str) -> bool:
+    """Delete ``ifname``; ``ipr`` must belong to the thread's current namespace."""
+    idx = netns.ifindex(ifname)
+    if idx is None:
+        return False
+    _ignore((errno.ENODEV,), lambda: ipr.link("del", index=idx))
+    return True
+
+
+# --- netns ---------------------------------------------------------------------
+
+NS_SYSCTLS = (
+    ("net/ipv4/ip_forward", "1"),
+    ("net/ipv4/conf/all/rp_filter", "1"),  # strict: only the VM IP may enter on tap_
+    ("net/ipv4/conf/default/rp_filter", "1"),
+    ("net/ipv6/conf/all/disable_ipv6", "1"),
+    ("net/ipv6/conf/default/disable_ipv6", "1"),
+)
+
+
+def _netns_ready(v: VmNet) -> bool:
+    if not netns.exists(v.ns):
+        return False
+    with netns.entered(v.ns):
+        return netns.read_sysctl("net/ipv4/ip_forward") == "1"
+
+
+def _netns_create(v: VmNet) -> None:
+    v.run.fresh_ns = netns.create_sync(v.ns)
+    with netns.entered(v.ns):
+        for key, value in NS_SYSCTLS:
+            netns.write_sysctl(key, value, missing_ok=key.startswith("net/ipv6"))
+
+
+def _netns_remove(v: VmNet) -> None:
+    netns.remove_sync(v.ns)
+
+
+# --- veth ------------------------------------------------------------------------
+
+
+def _veth_ready(v: VmNet) -> bool:
+    if v.run.fresh_ns or not netns.exists(v.ns):
+        return False
+    a = v.alloc
+    ipr = netns.host_ipr()
+    vh, br = get_link(ipr, a.host_veth), netns.ifindex(v.bridge)
+    if vh is None or br is None or vh.get_attr("IFLA_MASTER") != br or not _is_up(vh):
+        return False
+    with netns.entered(v.ns), netns.ns_ipr() as nipr:
+        vn = get_link(nipr, a.ns_veth)
+        return _is_up(vn) and vn.get_attr("IFLA_ADDRESS") == v.vn_mac
+
+
+def _veth_create(v: VmNet) -> None:
+    a = v.alloc
+    ipr = netns.host_ipr()
+    br = netns.ifindex(v.bridge)
+    if br is None:
+        raise BackendError(f"bridge {v.bridge} missing: host network not set up")
+    _delete_link(ipr, a.host_veth)  # a half-made leftover
+    nsfd = os.open(netns.path_of(v.ns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        ipr.link(
+            "add",
+            ifname=a.host_veth,
+            kind="veth",
+            master=br,
+            peer={"ifname": a.ns_veth, "net_ns_fd": nsfd, "address": v.vn_mac},
+        )
+    finally:
+        os.close(nsfd)
+    idx = netns.ifindex(a.host_veth)
+    if idx is None:
+        raise BackendError(f"{a.host_veth} vanished after creation")
+    # before it goes up, so that no IPv6 link-local address is made for it
+    netns.write_sysctl(f"net/ipv6/conf/{a.host_veth}/disable_ipv6", "1", missing_ok=True)
+    # hairpin: with br_netfilter, a VM's connection to its own forwarded port
+    # is DNATed and bridged back out of its port (port-to-port: rules.py)
+    ipr.brport(
+        "set", index=idx, mode=1, ifalias=IFALIAS_PREFIX + v.vm_id, flags=IFF_UP, change=IFF_UP
+    )
+    with netns.entered(v.ns):
+        netns.set_up(a.ns_veth)
+
+
+# --- tap -------------------------------------------------------------------------
+
+
+def _tap_ready(v: VmNet) -> bool:
+    if v.run.fresh_ns or not netns.exists(v.ns):
+        return False
+    with netns.entered(v.ns), netns.ns_ipr() as ipr:
+        tap = get_link(ipr, v.alloc.tap)
+        if not _is_up(tap):
+            return False
+        info = tap.get_attr("IFLA_LINKINFO")
+        data = info.get_attr("IFLA_INFO_DATA") if info else None
+        if data is None:
+            return True
+        if v.owner_uid is not None and data.get_attr("IFLA_TUN_OWNER") != v.owner_uid:
+            return False
+        if v.owner_gid is not None and data.get_attr("IFLA_TUN_GROUP") != v.owner_gid:
+            return False
+        return True
+
+
+def make_tap(name: str, uid: int | None, gid: int | None) -> None:
+    """Create a persistent TAP in the calling thread's namespace, owned by
+    uid/gid so that an unprivileged VMM can attach to it."""
+    fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+        if uid is not None:
+            fcntl.ioctl(fd, TUNSETOWNER, uid)
+        if gid is not None:
+            fcntl.ioctl(fd, TUNSETGROUP, gid)
+        fcntl.ioctl(fd, TUNSETPERSIST, 1)
+    finally:
+        os.close(fd)
+
+
+def _tap_create(v: VmNet) -> None:
+    with netns.entered(v.ns):
+        if not v.run.fresh_ns and netns.ifindex(v.alloc.tap) is not None:
+            with netns.ns_ipr() as ipr:
+                _delete_link(ipr, v.alloc.tap)
+        make_tap(v.alloc.tap, v.owner_uid, v.owner_gid)
+        netns.set_up(v.alloc.tap)
+
+
+def _tap_delete(v: VmNet) -> None:
+    if not netns.exists(v.ns):
+        return
+    with netns.entered(v.ns), netns.ns_ipr() as ipr:
+        _delete_link(ipr, v.alloc.tap)
+
+
+# --- proxy ARP -------------------------------------------------------------------
+
+
+def _proxy_sysctls(v: VmNet) -> list[tuple[str, str]]:
+    out = []
+    for dev in (v.alloc.ns_veth, v.alloc.tap):
+        out.append((f"net/ipv4/conf/{dev}/proxy_arp", "1"))
+        out.append((f"net/ipv4/neigh/{dev}/proxy_delay", "0"))  # answer at once
+    return out
+
+
+def _proxy_ready(v: VmNet) -> bool:
+    if v.run.fresh_ns or not netns.exists(v.ns):
+        return False
+    with netns.entered(v.ns):
+        return all(netns.read_sysctl(k) == val for k, val in _proxy_sysctls(v))
+
+
+def _proxy_on(v: VmNet) -> None:
+    with netns.entered(v.ns):
+        for key, value in _proxy_sysctls(v):
+            netns.write_sysctl(key, value)
+
+
+def _proxy_off(v: VmNet) -> None:
+    if not netns.exists(v.ns):
+        return
+    with netns.entered(v.ns):
+        for key, _ in _proxy_sysctls(v):
+            if key.endswith("proxy_arp"):
+                netns.write_sysctl(key, "0", missing_ok=True)
+
+
+# --- routes ----------------------------------------------------------------------
+
+
+def _wanted_routes(v: VmNet) -> list[dict[str, Any]]:
+    a = v.alloc
+    return [
+        {"dst": f"{a.gateway}/32", "dev": a.ns_veth, "scope": RT_SCOPE_LINK},
+        {"dst": "default", "dev": a.ns_veth, "gateway": a.gateway},
+        {"dst": f"{a.ip}/32", "dev": a.tap, "scope": RT_SCOPE_LINK},
+    ]
+
+
+def _routes_ready(v: VmNet) -> bool:
+    if v.run.fresh_ns or not netns.exists(v.ns):
+        return False
+    with netns.entered(v.ns), netns.ns_ipr() as ipr:
+        idx = {dev: netns.ifindex(dev) for dev in (v.alloc.ns_veth, v.alloc.tap)}
+        have = set()
+        for r in ipr.get_routes(family=AF_INET, table=RT_TABLE_MAIN):
+            dst = r.get_attr("RTA_DST")
+            dst = f"{dst}/{r['dst_len']}" if dst else "default"
+            have.add((dst, r.get_attr("RTA_OIF"), r.get_attr("RTA_GATEWAY")))
+        return all(
+            (w["dst"], idx[w["dev"]], w.get("gateway")) in have for w in _wanted_routes(v)
+        )
+
+
+def _routes_set(v: VmNet) -> None:
+    with netns.entered(v.ns), netns.ns_ipr() as ipr:
+        for w in _wanted_routes(v):
+            spec = dict(w)
+            oif = netns.ifindex(spec.pop("dev"))
+            if oif is None:
+                raise BackendError(f"{w['dev']} missing in {v.ns}")
+            ipr.route("replace", oif=oif, table=RT_TABLE_MAIN, **spec)
+
+
+def _routes_delete(v: VmNet) -> None:
+    if not netns.exists(v.ns):
+        return
+    with netns.entered(v.ns), netns.ns_ipr() as ipr:
+        for w in reversed(_wanted_routes(v)):
+            spec = dict(w)
+            oif = netns.ifindex(spec.pop("dev"))
+            spec.pop("scope", None)
+            if oif is not None:
+                _ignore(
+                    (errno.ESRCH, errno.ENOENT, errno.ENODEV),
+                    lambda oif=oif, spec=spec: ipr.route("del", oif=oif, **spec),
+                )
+
+
+# --- neighbours ----------------------------------------------------------------
+
+
+def _has_neigh(ipr: IPRoute, ifindex: int | None, ip: str, mac: str) -> bool:
+    if ifindex is None:
+        return False
+    try:
+        found = ipr.neigh("get", dst=ip, ifindex=ifindex)
+    except NetlinkError as exc:
+        if exc.code in (errno.ENOENT, errno.ESRCH):
+            return False
+        raise
+    return any(
+        n.get_attr("NDA_LLADDR") == mac and bool(n["state"] & NUD_PERMANENT) for n in found
+    )
+
+
+def _neigh_ready(v: VmNet) -> bool:
+    if v.run.fresh_ns or not netns.exists(v.ns):
+        return False
+    a = v.alloc
+    ipr = netns.host_ipr()
+    if not _has_neigh(ipr, netns.ifindex(v.bridge), a.ip, v.vn_mac):
+        return False
+    with netns.entered(v.ns), netns.ns_ipr() as nipr:
+        return _has_neigh(nipr, netns.ifindex(a.tap), a.ip, a.mac) and _has_neigh(
+            nipr, netns.ifindex(a.ns_veth), a.gateway, v.bridge_mac
+        )
+
+
+def _neigh_set(v: VmNet) -> None:
+    a = v.alloc
+    ipr = netns.host_ipr()
+    br, vh = netns.ifindex(v.bridge), netns.ifindex(a.host_veth)
+    if br is None or vh is None:
+        raise BackendError(f"{v.bridge} or {a.host_veth} missing")
+    ipr.neigh("replace", dst=a.ip, lladdr=v.vn_mac, ifindex=br, state=NUD_PERMANENT)
+    # static FDB entry: frames for this VM never flood to the other VM ports
+    ipr.fdb("replace", ifindex=vh, lladdr=v.vn_mac, state=NUD_NOARP, flags=NTF_MASTER)
+    with netns.entered(v.ns), netns.ns_ipr() as nipr:
+        tap, vn = netns.ifindex(a.tap), netns.ifindex(a.ns_veth)
+        if tap is None or vn is None:
+            raise BackendError(f"{a.tap} or {a.ns_veth} missing in {v.ns}")
+        nipr.neigh("replace", dst=a.ip, lladdr=a.mac, ifindex=tap, state=NUD_PERMANENT)
+        nipr.neigh("replace", dst=a.gateway, lladdr=v.bridge_mac, ifindex=vn, state=NUD_PERMANENT)
+
+
+def delete_host_neigh(ipr: IPRoute, bridge: str, ip: str, mac: str) -> bool:
+    """Remove the host's permanent entry for ``ip`` if it still points at ``mac``."""
+    br = netns.ifindex(bridge)
+    if br is None or not _has_neigh(ipr, br, ip, mac):
+        return False
+    _ignore((errno.ENOENT, errno.ESRCH), lambda: ipr.neigh("del", dst=ip, ifindex=br))
+    return True
+
+
+def _neigh_delete(v: VmNet) -> None:
+    # the namespace's entries and the FDB entry go with their devices
+    delete_host_neigh(netns.host_ipr(), v.bridge, v.alloc.ip, v.vn_mac)
+
+
+# --- teardown and counters ---------------------------------------------------------
+
+
+def _remove_ns_and_neigh(v: VmNet) -> None:
+    netns.remove_sync(v.ns)
+    delete_host_neigh(netns.host_ipr(), v.bridge, v.alloc.ip, v.vn_mac)
+
+
+async def teardown(v: VmNet, reaper: LinkReaper, batcher: nft.Batcher) -> None:
+    """Namespace first (tap_ and vn_ die with it), the host neighbour entry,
+    then the host veth end and the nft elements. The last two are independent
+    and run concurrently (each is batched with other VMs' teardowns)."""
+    await netns.run(None, _remove_ns_and_neigh, v)
+    await _gather(
+        reaper.delete(v.alloc.host_veth),
+        remove_elements(rules.firewall_elements(v.alloc) + rules.forward_elements(v.alloc),
+                        batcher),
+    )
+
+
+async def _gather(*aws: Any) -> None:
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+def _tap_counters(v: VmNet) -> tuple[int, int, int, int]:
+    with netns.entered(v.ns), netns.ns_ipr() as ipr:
+        tap = get_link(ipr, v.alloc.tap)
+        if tap is None:
+            raise BackendError(f"{v.alloc.tap} missing in {v.ns}")
+        s = tap.get_attr("IFLA_STATS64") or tap.get_attr("IFLA_STATS")
+    # The TAP's transmit is what the guest receives, and the reverse.
+    return s["tx_bytes"], s["rx_bytes"], s["tx_packets"], s["rx_packets"]
+
+
+async def tap_counters(v: VmNet) -> tuple[int, int, int, int]:
+    try:
+        return await netns.run(None, _tap_counters, v)
+    except netns.NamespaceMissing:
+        raise BackendError(f"network namespace {v.ns} missing") from None
+
+
+# --- steps -------------------------------------------------------------------------
+
+
+class NetlinkStep:
+    """A step made of blocking functions run on the namespace pool."""
+
+    def __init__(
+        self,
+        name: str,
+        v: VmNet,
+        ready: Callable[[VmNet], bool],
+        do: Callable[[VmNet], None],
+        undo: Callable[[VmNet], None],
+    ) -> None:
+        self.name = name
+        self._v, self._ready, self._do, self._undo = v, ready, do, undo
+
+    async def is_done(self) -> bool:
+        if not netns.exists(self._v.ns) or (self._v.run.fresh_ns and self.name != "netns"):
+            return False  # nothing to ask the kernel
+        return await netns.run(None, self._ready, self._v)
+
+    async def do(self) -> None:
+        await netns.run(None, self._do, self._v)
+
+    async def undo(self) -> None:
+        await netns.run(None, self._undo, self._v)
+
+
+class VethStep(NetlinkStep):
+    def __init__(self, v: VmNet, reaper: LinkReaper) -> None:
+        super().__init__("veth", v, _veth_ready, _veth_create, lambda v: None)
+        self._reaper = reaper
+
+    async def undo(self) -> None:
+        await self._reaper.delete(self._v.alloc.host_veth)
+
+
+class RateLimitStep:
+    """tbf on ``tap_`` egress (rx: what the guest receives) and on ``vn_``
+    egress (tx: what the guest sends, which leaves the namespace only there)."""
+
+    name = "ratelimit"
+
+    def __init__(self, v: VmNet) -> None:
+        self._v = v
+
+    def _wanted(self) -> dict[str, RateLimit]:
+        a = self._v.alloc
+        out = {}
+        if a.rx_rate_limit is not None:
+            out[a.tap] = a.rx_rate_limit
+        if a.tx_rate_limit is not None:
+            out[a.ns_veth] = a.tx_rate_limit
+        return out
+
+    async def is_done(self) -> bool:
+        wanted = self._wanted()
+        if not wanted:
+            return True
+        if self._v.run.fresh_ns:
+            return False
+        return await tc.has_shaping(self._v.ns, wanted)
+
+    async def do(self) -> None:
+        await tc.apply(self._v.ns, self._wanted())
+
+    async def undo(self) -> None:
+        if self._wanted() and netns.exists(self._v.ns):
+            await tc.clear(self._v.ns, list(self._wanted()))
+
+
+class ElementsStep:
+    """Add nft set/map elements. ``do`` uses ``create`` so that it can tell
+    whether it added them (and so ``undo`` removes only what it added)."""
+
+    def __init__(self, name: str, elements: list[rules.Element], batcher: nft.Batcher) -> None:
+        self.name = name
+        self._elements = elements
+        self._batcher = batcher
+        self._added = False
+
+    async def is_done(self) -> bool:
+        return not self._elements
+
+    async def do(self) -> None:
+        try:
+            await self._batcher.apply(rules.create_script(self._elements))
+        except nft.NftError:
+            # Some exist already (a re-run): make sure all do, and own them.
+            await self._batcher.apply(rules.add_script(self._elements))
+        self._added = True
+
+    async def undo(self) -> None:
+        if self._added:
+            await remove_elements(self._elements, self._batcher)
+            self._added = False
+
+
+async def remove_elements(elements: list[rules.Element], batcher: nft.Batcher) -> None:
+    """Remove elements, present or not, in one transaction (one by one, ignoring
+    failures, if that fails: e.g. a map key now holds another VM's value)."""
+    if not elements:
+        return
+    try:
+        await batcher.apply(rules.remove_script(elements))
+    except nft.NftError:
+        for element in elements:
+            try:
+                await batcher.apply(rules.remove_script([element]))
+            except nft.NftError as exc:
+                log.warning("nft element not removed", extra={"error": str(exc)})
+
+
+def steps(v: VmNet, reaper: LinkReaper, batcher: nft.Batcher) -> list[Step]:
+    """The per-VM plan steps, in order."""
+    return [
+        NetlinkStep("netns", v, _netns_ready, _netns_create, _netns_remove),
+        VethStep(v, reaper),
+        NetlinkStep("tap", v, _tap_ready, _tap_create, _tap_delete),
+        NetlinkStep("proxy_arp", v, _proxy_ready, _proxy_on, _proxy_off),
+        NetlinkStep("routes", v, _routes_ready, _routes_set, _routes_delete),
+        NetlinkStep("neighbours", v, _neigh_ready, _neigh_set, _neigh_delete),
+        RateLimitStep(v),
+        ElementsStep("firewall", rules.firewall_elements(v.alloc), batcher),
+        ElementsStep("port_forwards", rules.forward_elements(v.alloc), batcher),
+    ]
