@@ -157,3 +157,32 @@ def test_argv_hash_is_stable_and_sensitive(tmp_path: Path) -> None:
     assert argv_hash(argv) == argv_hash(list(argv))
     assert argv_hash(argv) != argv_hash([*argv, "-S"])
     assert argv_hash(["a b"]) != argv_hash(["a", "b"])
+
+
+def test_extra_kernel_args_are_appended(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    argv = build_argv(spec, CommandOptions(extra_kernel_args=("tsc_early_khz=2596142",)))
+    assert arg_after(argv, "-append") == [spec.kernel_args + " tsc_early_khz=2596142"]
+
+
+def test_tcg_tsc_arg(tmp_path: Path) -> None:
+    from metald.backends.qemu.clock import host_tsc_khz, tcg_extra_args
+
+    assert tcg_extra_args("console=ttyS0", 2596142) == ["tsc_early_khz=2596142"]
+    assert tcg_extra_args("console=ttyS0 tsc_early_khz=1000", 2596142) == []
+    assert tcg_extra_args("console=ttyS0", None) == []
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("cpu MHz\t\t: 2596.142\nflags\t\t: fpu tsc constant_tsc tsc_known_freq\n")
+    none = tmp_path / "none"
+    assert host_tsc_khz(none, cpuinfo, none) == 2596142
+    cpuinfo.write_text("cpu MHz\t\t: 1800.000\nflags\t\t: fpu tsc constant_tsc aperfmperf\n")
+    assert host_tsc_khz(none, cpuinfo, none) is None
+    kmsg = tmp_path / "kmsg"
+    kmsg.write_text(
+        "6,10,0,-;tsc: Detected 2900.000 MHz processor\n"
+        "6,11,0,-;tsc: Refined TSC clocksource calibration: 2899.998 MHz\n"
+    )
+    assert host_tsc_khz(none, cpuinfo, kmsg) == 2899998
+    khz = tmp_path / "tsc_freq_khz"
+    khz.write_text("3000000\n")
+    assert host_tsc_khz(khz, cpuinfo, kmsg) == 3000000

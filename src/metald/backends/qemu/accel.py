@@ -1,0 +1,168 @@
+"""Choosing KVM or TCG.
+
+``qemu_accel=auto`` only trusts KVM after a short KVM boot of the configured
+guest reached its READY marker. On hosts whose KVM is a nested hypervisor
+that cannot run stock guest kernels ("KVM internal error ... emulation
+failure"), the probe fails fast and every VM uses TCG. Verdicts are cached
+in a JSON file, keyed by host kernel, QEMU version, guest kernel and initrd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+
+from metald.backends.qemu import console
+from metald.backends.qemu.command import Accel, CommandOptions, build_argv, vmm_log_path
+from metald.backends.qemu.process import ProcessWatch, spawn
+from metald.core.models import BootSpec
+
+log = logging.getLogger(__name__)
+
+READY_MARKER = b"METALD_GUEST_READY"
+KVM_FAILURE = re.compile(rb"KVM internal error|emulation failure|Could not access KVM")
+PROBE_TIMEOUT_S = 20.0
+PROBE_VM_ID = "accel-probe"
+CACHE_FILE = "qemu-accel.json"
+
+Prober = Callable[[BootSpec], Awaitable[tuple[bool, str]]]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def probe_kernel_args(args: str) -> str:
+    """The guest's own args, with the probe's VM id and without an IP config."""
+    words = [w for w in args.split() if not w.startswith(("metald.vm_id=", "ip="))]
+    return " ".join([*words, f"metald.vm_id={PROBE_VM_ID}"])
+
+
+async def probe_kvm(spec: BootSpec, binary: str, work_parent: Path, timeout: float) -> tuple[bool, str]:
+    """Boot ``spec``'s kernel and initrd under KVM until READY, a KVM error or timeout.
+
+    Drives are attached with snapshot=on so the probe never writes to them.
+    """
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is not usable"
+    work_parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="accel-probe-", dir=work_parent))
+    try:
+        probe = replace(
+            spec,
+            vm_id=PROBE_VM_ID,
+            run_dir=work,
+            console_log=work / "console.log",
+            console_enabled=True,
+            network=None,
+            kernel_args=probe_kernel_args(spec.kernel_args),
+        )
+        opts = CommandOptions(binary=binary, accel="kvm", qmp=False, snapshot_drives=True)
+        popen = spawn(build_argv(probe, opts), vmm_log_path(work))
+        watch = ProcessWatch(popen.pid, popen, lambda _rc: None)
+        watch.start()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            while True:
+                elapsed = loop.time() - started
+                if console.contains(probe.console_log, READY_MARKER):
+                    return True, f"KVM boot reached READY in {elapsed:.1f}s"
+                failure = KVM_FAILURE.search(vmm_log_path(work).read_bytes())
+                if failure:
+                    return False, f"KVM failed: {failure.group().decode().strip()}"
+                if not watch.alive:
+                    lines = console.tail_text(vmm_log_path(work), 600).strip().splitlines()
+                    return False, f"KVM probe exited early: {'; '.join(lines[-2:])[:240]}"
+                if elapsed >= timeout:
+                    return False, f"KVM boot did not reach READY in {timeout:g}s"
+                await asyncio.sleep(0.1)
+        finally:
+            watch.kill()
+            await watch.wait(5)
+            watch.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class AccelChooser:
+    """Picks the accelerator for a spec according to ``qemu_accel``."""
+
+    def __init__(
+        self,
+        mode: str,
+        cache_path: Path,
+        qemu_version: Callable[[], Awaitable[str]],
+        prober: Prober,
+    ) -> None:
+        self.mode = mode
+        self.cache_path = cache_path
+        self._qemu_version = qemu_version
+        self._prober = prober
+        self._lock = asyncio.Lock()
+        self._hashes: dict[tuple[str, int, int], str] = {}
+        self.last_detail = ""
+
+    async def choose(self, spec: BootSpec) -> Accel:
+        if self.mode in ("kvm", "tcg"):
+            return "kvm" if self.mode == "kvm" else "tcg"
+        try:
+            key = await self._key(spec)
+        except OSError as exc:  # the boot itself will report the missing file
+            self.last_detail = f"cannot fingerprint the guest ({exc}); using TCG"
+            return "tcg"
+        async with self._lock:
+            cached = self._load().get(key)
+            if cached is not None:
+                self.last_detail = str(cached.get("detail", ""))
+                return "kvm" if cached.get("accel") == "kvm" else "tcg"
+            ok, detail = await self._prober(spec)
+            verdict: Accel = "kvm" if ok else "tcg"
+            self.last_detail = detail
+            log.info("qemu accelerator probe: %s -> %s", detail, verdict)
+            self._store(key, {"accel": verdict, "detail": detail, "at": int(time.time())})
+            return verdict
+
+    async def _key(self, spec: BootSpec) -> str:
+        parts = [os.uname().release, await self._qemu_version()]
+        for path in (spec.kernel_path, spec.initrd_path):
+            parts.append(await self._hash(path) if path is not None else "-")
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+    async def _hash(self, path: Path) -> str:
+        st = path.stat()
+        memo = (str(path), st.st_size, st.st_mtime_ns)
+        if memo not in self._hashes:
+            self._hashes[memo] = await asyncio.to_thread(file_sha256, path)
+        return self._hashes[memo]
+
+    def _load(self) -> dict[str, dict[str, object]]:
+        try:
+            data = json.loads(self.cache_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _store(self, key: str, entry: dict[str, object]) -> None:
+        data = self._load()
+        data[key] = entry
+        tmp = self.cache_path.with_suffix(".tmp")
+        with contextlib.suppress(OSError):
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.cache_path)

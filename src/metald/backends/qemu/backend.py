@@ -1,0 +1,456 @@
+"""The QEMU (microvm) backend: one detached QEMU process per VM, driven over QMP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from metald.backends.qemu import console, handle, procfs
+from metald.backends.qemu.accel import PROBE_TIMEOUT_S, AccelChooser, probe_kvm
+from metald.backends.qemu.clock import cached_host_tsc_khz, tcg_extra_args
+from metald.backends.qemu.command import (
+    CommandOptions,
+    argv_hash,
+    build_argv,
+    launch_argv,
+    pid_file_path,
+    qmp_socket_path,
+    vmm_log_path,
+)
+from metald.backends.qemu.metrics import CpuSample, apply_blockstats, read_network, read_process
+from metald.backends.qemu.process import ProcessWatch, describe_status, spawn
+from metald.backends.qemu.qmp import QmpSession, describe_shutdown
+from metald.backends.qemu.validate import validate_spec
+from metald.config import Settings
+from metald.core.errors import BackendError
+from metald.core.models import BootSpec, VmMetrics
+from metald.core.ports import ExitCallback
+
+log = logging.getLogger(__name__)
+
+QMP_CONNECT_TIMEOUT_S = 10.0
+FORCED_QUIT_WAIT_S = 3.0
+KILL_WAIT_S = 5.0
+REBOOT_GRACE_S = 30.0
+POWER_BUTTON_REPEAT_S = 2.0
+CONSOLE_CHECK_INTERVAL_S = 1.0
+EXIT_DRAIN_S = 1.0
+VERSION_RE = re.compile(r"version (\S+)")
+
+
+@dataclass
+class _Vm:
+    """What the backend knows about one VM's QEMU."""
+
+    vm_id: str
+    run_dir: Path
+    console_log: Path | None
+    tap: str | None
+    handle: handle.VmmHandle
+    watch: ProcessWatch
+    qmp: QmpSession
+    stopping: bool = False  # metald asked for this exit: no exit callback
+    failure: str | None = None  # why metald killed it on its own (e.g. KVM error)
+    exit_reason: str | None = None
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    cpu_sample: CpuSample | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.watch.alive
+
+    def files(self) -> list[Path]:
+        files = [qmp_socket_path(self.run_dir), pid_file_path(self.run_dir)]
+        files.append(vmm_log_path(self.run_dir))
+        if self.console_log is not None:
+            files.append(self.console_log)
+        return files
+
+
+class QemuBackend:
+    name = "qemu"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._vms: dict[str, _Vm] = {}
+        self._exit_callback: ExitCallback | None = None
+        self._version: str | None = None
+        self._console_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.accel = AccelChooser(
+            settings.qemu_accel,
+            settings.run_dir / "qemu-accel.json",
+            self.qemu_version,
+            lambda spec: probe_kvm(spec, settings.qemu_binary, settings.run_dir / "accel-probe", PROBE_TIMEOUT_S),
+        )
+
+    # --- setup ---------------------------------------------------------------
+
+    def set_exit_callback(self, callback: ExitCallback) -> None:
+        self._exit_callback = callback
+
+    async def qemu_version(self) -> str:
+        if self._version is None:
+            binary = shutil.which(self.settings.qemu_binary)
+            if binary is None:
+                raise BackendError(f"QEMU binary {self.settings.qemu_binary!r} not found")
+            proc = await asyncio.create_subprocess_exec(
+                binary,
+                "--version",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            out, _ = await asyncio.wait_for(proc.communicate(), 10)
+            match = VERSION_RE.search(out.decode(errors="replace"))
+            if proc.returncode != 0 or match is None:
+                raise BackendError(f"{binary} --version failed: {out[:200]!r}")
+            self._version = match.group(1)
+        return self._version
+
+    async def ping(self) -> tuple[bool, str]:
+        try:
+            version = await self.qemu_version()
+        except (BackendError, OSError, TimeoutError) as exc:
+            return False, str(exc)
+        return True, f"QEMU {version}, accel={self.settings.qemu_accel}"
+
+    async def validate(self, spec: BootSpec) -> None:
+        validate_spec(spec)
+
+    # --- lifecycle -----------------------------------------------------------
+
+    async def boot(self, spec: BootSpec) -> dict[str, Any]:
+        old = self._vms.get(spec.vm_id)
+        if old is not None and old.alive:
+            raise BackendError(f"VM {spec.vm_id} already has a running QEMU (pid {old.handle.pid})")
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (qmp_socket_path(spec.run_dir), pid_file_path(spec.run_dir)):
+            stale.unlink(missing_ok=True)
+        accel = await self.accel.choose(spec)
+        extra = tcg_extra_args(spec.kernel_args, cached_host_tsc_khz()) if accel == "tcg" else []
+        options = CommandOptions(binary=self.settings.qemu_binary, accel=accel, extra_kernel_args=tuple(extra))
+        argv = build_argv(spec, options)
+        popen = spawn(launch_argv(spec, argv), vmm_log_path(spec.run_dir))
+        stat = procfs.read_stat(popen.pid)
+        vmm = handle.VmmHandle(
+            pid=popen.pid,
+            start_time=stat.start_time if stat else 0,
+            qmp_socket=str(qmp_socket_path(spec.run_dir)),
+            accel=accel,
+            argv_hash=argv_hash(argv),
+        )
+        vm = self._track(spec, vmm, popen)
+        try:
+            await vm.qmp.connect(QMP_CONNECT_TIMEOUT_S, lambda: vm.alive)
+            await vm.qmp.status()
+        except BaseException as exc:
+            vm.stopping = True
+            with contextlib.suppress(BackendError):
+                await self._kill(vm)
+            if not isinstance(exc, Exception):
+                raise
+            tail = console.tail_text(vmm_log_path(spec.run_dir), 500).strip()
+            raise BackendError(f"QEMU for {spec.vm_id} did not start: {exc}; log: {tail}") from exc
+        log.info("qemu %s: started pid %d (accel %s)", spec.vm_id, vmm.pid, accel)
+        return vmm.to_dict()
+
+    async def adopt(self, spec: BootSpec, handle_data: dict[str, Any]) -> bool:
+        vmm = handle.VmmHandle.from_dict(handle_data)
+        if vmm is None:
+            log.warning("qemu %s: unusable handle %r", spec.vm_id, handle_data)
+            return False
+        why = handle.mismatch(vmm)
+        if why is not None:
+            log.info("qemu %s: not adopting: %s", spec.vm_id, why)
+            return False
+        old = self._vms.get(spec.vm_id)
+        if old is not None and old.alive and old.handle == vmm:
+            return True
+        vm = self._track(spec, vmm, None)
+        try:
+            await vm.qmp.connect(QMP_CONNECT_TIMEOUT_S, lambda: vm.alive)
+        except BackendError as exc:
+            log.warning("qemu %s: adopted pid %d but QMP failed: %s", spec.vm_id, vmm.pid, exc)
+            vm.watch.close()
+            self._vms.pop(spec.vm_id, None)
+            return False
+        log.info("qemu %s: adopted pid %d", spec.vm_id, vmm.pid)
+        return True
+
+    def _track(self, spec: BootSpec, vmm: handle.VmmHandle, popen: subprocess.Popen[bytes] | None) -> _Vm:
+        qmp = QmpSession(f"qmp-{spec.vm_id}", Path(vmm.qmp_socket))
+        vm = _Vm(
+            vm_id=spec.vm_id,
+            run_dir=spec.run_dir,
+            console_log=spec.console_log if spec.console_enabled else None,
+            tap=spec.network.tap if spec.network else None,
+            handle=vmm,
+            watch=ProcessWatch(vmm.pid, popen, lambda rc: self._on_exit(vm, rc)),
+            qmp=qmp,
+        )
+        qmp.on_stop = lambda: self._spawn(self._check_stopped(vm))
+        self._vms[spec.vm_id] = vm
+        vm.watch.start()
+        self._ensure_console_task()
+        return vm
+
+    def _get(self, vm_id: str) -> _Vm:
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            raise BackendError(f"no QEMU is running for VM {vm_id}")
+        return vm
+
+    def _running(self, vm_id: str) -> _Vm:
+        vm = self._get(vm_id)
+        if not vm.alive:
+            raise BackendError(f"QEMU of VM {vm_id} has exited ({vm.exit_reason})")
+        return vm
+
+    async def pause(self, vm_id: str) -> None:
+        await self._running(vm_id).qmp.execute("stop")
+
+    async def resume(self, vm_id: str) -> None:
+        await self._running(vm_id).qmp.execute("cont")
+
+    async def shutdown(self, vm_id: str, force: bool, timeout_s: float) -> str:
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            return "not running"
+        if not vm.alive:
+            await self._wait_finished(vm)
+            return vm.exit_reason or "already stopped"
+        vm.stopping = True
+        if not force and not await self._power_button(vm, timeout_s):
+            vm.failure = f"guest ignored the power button for {timeout_s:g}s; stopped by QEMU"
+            force = True
+        if force:
+            await self._force_stop(vm)
+        await self._wait_finished(vm)
+        return vm.exit_reason or "stopped"
+
+    async def _power_button(self, vm: _Vm, timeout_s: float) -> bool:
+        """Press the ACPI power button until the guest powers off; True if it did.
+
+        The guest's acpid only hears presses once it runs, so a press during
+        early boot is lost: repeat it every POWER_BUTTON_REPEAT_S.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout_s)
+        while True:
+            try:
+                if await vm.qmp.status() == "paused":
+                    await vm.qmp.execute("cont")  # a paused guest cannot see the button
+                await vm.qmp.execute("system_powerdown")
+            except BackendError as exc:
+                log.warning("qemu %s: power button press failed: %s", vm.vm_id, exc)
+            remaining = deadline - loop.time()
+            if await vm.watch.wait(max(0.0, min(POWER_BUTTON_REPEAT_S, remaining))):
+                return True
+            if loop.time() >= deadline:
+                return False
+
+    async def _force_stop(self, vm: _Vm) -> None:
+        """QMP quit (QEMU flushes its drives), SIGKILL if that does not end it."""
+        with contextlib.suppress(BackendError):
+            await vm.qmp.execute("quit", timeout=FORCED_QUIT_WAIT_S)
+        if not await vm.watch.wait(FORCED_QUIT_WAIT_S):
+            await self._kill(vm)
+
+    async def reboot(self, spec: BootSpec, force: bool) -> dict[str, Any]:
+        vm = self._running(spec.vm_id)
+        if force:
+            await vm.qmp.execute("system_reset")
+            if await vm.qmp.status() == "paused":
+                await vm.qmp.execute("cont")
+            return vm.handle.to_dict()
+        # microvm has no keyboard controller for ctrl-alt-del and the guest treats
+        # the ACPI button as poweroff, so a graceful reboot is poweroff + boot.
+        await self.shutdown(spec.vm_id, force=False, timeout_s=REBOOT_GRACE_S)
+        return await self.boot(spec)
+
+    async def cleanup(self, vm_id: str) -> None:
+        vm = self._vms.pop(vm_id, None)
+        if vm is None:
+            self._cleanup_unknown(vm_id)
+            return
+        vm.stopping = True
+        await self._kill(vm)
+        await self._wait_finished(vm)
+        vm.watch.close()
+        await vm.qmp.close()
+        _remove_files(vm.run_dir, vm.files())
+
+    def _cleanup_unknown(self, vm_id: str) -> None:
+        """Cleanup after a restart without adoption: trust only our own pidfile."""
+        run_dir = self.settings.run_dir / vm_id
+        pid_file = pid_file_path(run_dir)
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text().strip())
+            cmdline = procfs.read_cmdline(pid) or []
+            if any(str(qmp_socket_path(run_dir)) in arg for arg in cmdline):
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+        files = [qmp_socket_path(run_dir), pid_file, vmm_log_path(run_dir), run_dir / "console.log"]
+        _remove_files(run_dir, files)
+
+    def is_running(self, vm_id: str) -> bool:
+        vm = self._vms.get(vm_id)
+        return vm is not None and vm.alive
+
+    # --- exits ---------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_exit(self, vm: _Vm, returncode: int | None) -> None:
+        self._spawn(self._finish_exit(vm, returncode))
+
+    async def _finish_exit(self, vm: _Vm, returncode: int | None) -> None:
+        await vm.qmp.drained(EXIT_DRAIN_S)  # let the SHUTDOWN event arrive
+        vm.exit_reason = exit_reason(vm.failure, vm.qmp.shutdown_reason, returncode)
+        await vm.qmp.close()
+        vm.finished.set()
+        log.info("qemu %s: pid %d ended: %s", vm.vm_id, vm.handle.pid, vm.exit_reason)
+        if not vm.stopping and self._exit_callback is not None and self._vms.get(vm.vm_id) is vm:
+            try:
+                self._exit_callback(vm.vm_id, vm.exit_reason)
+            except Exception:
+                log.exception("qemu %s: exit callback failed", vm.vm_id)
+
+    async def _check_stopped(self, vm: _Vm) -> None:
+        """A STOP event: if it was a KVM internal error, the VM would hang; end it."""
+        try:
+            status = await vm.qmp.status()
+        except BackendError:
+            return
+        if status == "internal-error":
+            vm.failure = f"accelerator {vm.handle.accel} internal error (VM killed)"
+            log.error("qemu %s: %s", vm.vm_id, vm.failure)
+            vm.watch.kill()
+
+    async def _kill(self, vm: _Vm) -> None:
+        vm.watch.kill()
+        if not await vm.watch.wait(KILL_WAIT_S):
+            raise BackendError(f"QEMU pid {vm.handle.pid} of {vm.vm_id} survived SIGKILL")
+
+    async def _wait_finished(self, vm: _Vm) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(vm.finished.wait(), EXIT_DRAIN_S + 1)
+
+    # --- console log cap -----------------------------------------------------
+
+    def _ensure_console_task(self) -> None:
+        if self._console_task is None or self._console_task.done():
+            self._console_task = asyncio.get_running_loop().create_task(self._cap_consoles())
+
+    async def _cap_consoles(self) -> None:
+        limit = self.settings.console_log_max_bytes
+        while True:
+            await asyncio.sleep(CONSOLE_CHECK_INTERVAL_S)
+            for vm in list(self._vms.values()):
+                if not vm.alive:
+                    continue
+                logs = [vmm_log_path(vm.run_dir)]  # QEMU's own stderr, opened O_APPEND too
+                if vm.console_log is not None:
+                    logs.append(vm.console_log)
+                for path in logs:
+                    try:
+                        if console.cap_log(path, limit):
+                            log.debug("qemu %s: %s cut to %d bytes", vm.vm_id, path.name, limit // 2)
+                    except OSError as exc:
+                        log.warning("qemu %s: capping %s failed: %s", vm.vm_id, path, exc)
+
+    # --- observation ---------------------------------------------------------
+
+    async def info(self, vm_id: str) -> dict[str, str]:
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            return {"backend": "qemu", "status": "not running"}
+        out = {
+            "backend": "qemu",
+            "pid": str(vm.handle.pid),
+            "accel": vm.handle.accel,
+            "qmp_socket": vm.handle.qmp_socket,
+            "run_dir": str(vm.run_dir),
+        }
+        with contextlib.suppress(BackendError):
+            out["qemu_version"] = await self.qemu_version()
+        if vm.alive:
+            try:
+                out["status"] = await vm.qmp.status()
+            except BackendError as exc:
+                out["status"] = f"unknown ({exc})"
+        else:
+            out["status"] = "exited"
+        if vm.exit_reason:
+            out["last_exit_reason"] = vm.exit_reason
+        if self.accel.last_detail:
+            out["accel_probe"] = self.accel.last_detail
+        return out
+
+    async def metrics(self, vm_id: str) -> VmMetrics:
+        vm = self._vms.get(vm_id)
+        metrics = VmMetrics()
+        if vm is None:
+            metrics.notes["process"] = "no QEMU is running for this VM"
+            return metrics
+        if not vm.alive:
+            metrics.notes["process"] = f"QEMU has exited ({vm.exit_reason})"
+            return metrics
+        vm.cpu_sample = read_process(metrics, vm.handle.pid, vm.handle.start_time, vm.cpu_sample)
+        if vm.cpu_sample is None:
+            return metrics
+        read_network(metrics, vm.handle.pid, vm.tap)
+        try:
+            apply_blockstats(metrics, await vm.qmp.execute("query-blockstats"))
+        except BackendError as exc:
+            metrics.notes["storage"] = str(exc)
+        metrics.measured = True
+        return metrics
+
+    async def close(self) -> None:
+        if self._console_task is not None:
+            self._console_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._console_task
+        for task in list(self._tasks):
+            task.cancel()
+        for vm in self._vms.values():
+            vm.watch.close()
+            await vm.qmp.close()
+        self._vms.clear()
+
+
+def exit_reason(failure: str | None, shutdown_cause: str | None, returncode: int | None) -> str:
+    """One line on how a QEMU ended, from metald's own verdict, QMP and the exit status."""
+    status = describe_status(returncode)
+    if failure:
+        return f"{failure} ({status})" if returncode is not None else failure
+    event = describe_shutdown(shutdown_cause)
+    if event is None:
+        return status
+    if returncode is None or returncode == 0:
+        return event
+    return f"{event} ({status})"
+
+
+def _remove_files(run_dir: Path, files: list[Path]) -> None:
+    for path in files:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()  # only if empty; never its parent

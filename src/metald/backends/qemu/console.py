@@ -1,0 +1,60 @@
+"""Keeping a VM's console log under its size cap.
+
+QEMU writes the log through a file chardev opened with O_APPEND, so every
+write lands at the current end of file even after the file was shortened
+underneath it. Bytes QEMU writes between our read and our truncate are lost;
+that window is a few microseconds once a second at most.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TRUNCATED_MARK = b"[metald: older console output dropped]\n"
+
+
+def cap_log(path: Path, max_bytes: int) -> bool:
+    """If ``path`` is over ``max_bytes``, keep only its newest half. True if cut."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False
+    if size <= max_bytes:
+        return False
+    keep = max(1, max_bytes // 2 - len(TRUNCATED_MARK))
+    with open(path, "r+b") as f:
+        f.seek(max(0, size - keep))
+        tail = f.read()
+        newline = tail.find(b"\n")
+        if 0 <= newline < len(tail) - 1:
+            tail = tail[newline + 1 :]  # start on a whole line
+        data = TRUNCATED_MARK + tail
+        f.seek(0)
+        f.write(data)
+        f.truncate(len(data))
+    return True
+
+
+def contains(path: Path, marker: bytes) -> bool:
+    try:
+        return marker in path.read_bytes()
+    except FileNotFoundError:
+        return False
+
+
+def count(path: Path, marker: bytes) -> int:
+    try:
+        return path.read_bytes().count(marker)
+    except FileNotFoundError:
+        return 0
+
+
+def tail_text(path: Path, max_bytes: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
