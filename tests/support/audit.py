@@ -69,10 +69,21 @@ def _store(db: Path | None) -> set[str]:
         conn.close()
 
 
-def _tree(root: Path | None) -> set[str]:
+# Host-level state that is not any VM's: the accelerator verdict cache and the
+# per-VMM parent directories of the jails.
+HOST_LEVEL = {"qemu-accel.json", "accel-probe"}
+
+
+def _tree(root: Path | None, skip_top_dirs: bool = False) -> set[str]:
     if root is None or not root.exists():
         return set()
-    return {str(p) for p in root.rglob("*")}
+    out = set()
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if rel.parts[0] in HOST_LEVEL or (skip_top_dirs and len(rel.parts) == 1 and path.is_dir()):
+            continue
+        out.add(str(path))
+    return out
 
 
 def _cgroups() -> set[str]:
@@ -120,7 +131,7 @@ def snapshot(db: Path | None = None, run_dir: Path | None = None, jail_dir: Path
             "nft": _nft(),
             "store": _store(db),
             "run_files": _tree(run_dir),
-            "jail_files": _tree(jail_dir),
+            "jail_files": _tree(jail_dir, skip_top_dirs=True),
             "cgroups": _cgroups(),
             "processes": _vmm_processes(vmm_marker),
         }

@@ -11,10 +11,20 @@ from metald.core.ports import Backend
 log = logging.getLogger(__name__)
 
 
+def _jailer(settings: Settings) -> object | None:
+    if not settings.jailer_enabled:
+        return None
+    from metald.jailer.jailer import Jailer
+
+    jailer = Jailer(settings)
+    jailer.check_settings()  # raises a ConfigError naming the variable
+    return jailer
+
+
 def _qemu(settings: Settings) -> Backend:
     from metald.backends.qemu.backend import QemuBackend
 
-    return QemuBackend(settings)
+    return QemuBackend(settings, _jailer(settings))  # type: ignore[arg-type]
 
 
 def _firecracker(settings: Settings) -> Backend:

@@ -528,9 +528,12 @@ class VmEngine:
                         self._set_state(row.vm_id, VmState.SHUTDOWN, status=status, handle={})
                         self.store.add_event(row.vm_id, "reconcile", "shutdown", status["last_exit"])
                         report.marked_shutdown.append(row.vm_id)
+            known = {row.vm_id for row in self.store.all_vms()}
             if self.network is not None:
-                known = {row.vm_id for row in self.store.all_vms()}
                 report.leftovers_removed = await self.network.sweep_leftovers(known)
+            sweep = getattr(self.backend, "sweep_leftovers", None)
+            if sweep is not None:
+                report.leftovers_removed += [f"jail {vm}" for vm in await sweep(known)]
                 for item in report.leftovers_removed:
                     log.warning("removed leftover %s", item)
         report.seconds = time.monotonic() - started

@@ -33,7 +33,10 @@ from metald.backends.qemu.validate import validate_spec
 from metald.config import Settings
 from metald.core.errors import BackendError
 from metald.core.models import BootSpec, VmMetrics
+from metald.core.plan import Plan
 from metald.core.ports import ExitCallback
+from metald.jailer.jailer import Jailer
+from metald.jailer.qemu import qemu_confinement_args, qemu_launch_argv
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,9 @@ REBOOT_GRACE_S = 30.0
 POWER_BUTTON_REPEAT_S = 2.0
 CONSOLE_CHECK_INTERVAL_S = 1.0
 EXIT_DRAIN_S = 1.0
+# Under TCG, QEMU's translation cache and buffers need memory beyond the guest's
+# and the configured VMM allowance; the jail's memory limit includes this.
+TCG_MEMORY_OVERHEAD = 256 << 20
 VERSION_RE = re.compile(r"version (\S+)")
 
 
@@ -79,8 +85,11 @@ class _Vm:
 class QemuBackend:
     name = "qemu"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, jailer: Jailer | None = None) -> None:
         self.settings = settings
+        self.jailer = jailer
+        if jailer is None:
+            log.warning("QEMU VMMs run UNJAILED (UNKEY_METALD_JAILER_ENABLED=false): development only")
         self._vms: dict[str, _Vm] = {}
         self._exit_callback: ExitCallback | None = None
         self._version: str | None = None
@@ -138,9 +147,18 @@ class QemuBackend:
             stale.unlink(missing_ok=True)
         accel = await self.accel.choose(spec)
         extra = tcg_extra_args(spec.kernel_args, cached_host_tsc_khz()) if accel == "tcg" else []
-        options = CommandOptions(binary=self.settings.qemu_binary, accel=accel, extra_kernel_args=tuple(extra))
+        options = CommandOptions(
+            binary=self.settings.qemu_binary,
+            accel=accel,
+            extra_kernel_args=tuple(extra),
+            sandbox=self.jailer is None,  # the jail adds its own -sandbox (see jailer/qemu.py)
+        )
         argv = build_argv(spec, options)
-        popen = spawn(launch_argv(spec, argv), vmm_log_path(spec.run_dir))
+        if self.jailer is not None:
+            argv, command = await self._jailed(spec, argv, accel)
+        else:
+            command = launch_argv(spec, argv)
+        popen = spawn(command, vmm_log_path(spec.run_dir))
         stat = procfs.read_stat(popen.pid)
         vmm = handle.VmmHandle(
             pid=popen.pid,
@@ -163,6 +181,34 @@ class QemuBackend:
             raise BackendError(f"QEMU for {spec.vm_id} did not start: {exc}; log: {tail}") from exc
         log.info("qemu %s: started pid %d (accel %s)", spec.vm_id, vmm.pid, accel)
         return vmm.to_dict()
+
+    async def _jailed(self, spec: BootSpec, argv: list[str], accel: str) -> tuple[list[str], list[str]]:
+        """Prepare a fresh jail (chroot, cgroup) and return (qemu argv, launcher command)."""
+        assert self.jailer is not None
+        jail = self.jailer.jail_for(self.name, spec.vm_id)
+        await self.jailer.cleanup(jail)  # a jail left by an earlier run of this VM
+        sized = spec
+        if accel == "tcg":
+            from dataclasses import replace
+
+            sized = replace(spec, memory_bytes=spec.memory_bytes + TCG_MEMORY_OVERHEAD)
+        try:
+            await Plan("jail", self.jailer.prepare_steps(jail, sized)).run()
+        except Exception as exc:
+            raise BackendError(f"cannot prepare the jail of {spec.vm_id}: {exc}") from exc
+        argv = [*argv, *qemu_confinement_args(jail)]
+        netns = spec.network.namespace if spec.network is not None else None
+        return argv, qemu_launch_argv(self.jailer, jail, argv, netns)
+
+    async def _remove_jail(self, vm_id: str) -> None:
+        if self.jailer is not None:
+            await self.jailer.cleanup(self.jailer.jail_for(self.name, vm_id))
+
+    async def sweep_leftovers(self, known_vm_ids: set[str]) -> list[str]:
+        """Jails and cgroups of VMs metald does not know."""
+        if self.jailer is None:
+            return []
+        return await self.jailer.sweep_leftovers(known_vm_ids)
 
     async def adopt(self, spec: BootSpec, handle_data: dict[str, Any]) -> bool:
         vmm = handle.VmmHandle.from_dict(handle_data)
@@ -282,6 +328,7 @@ class QemuBackend:
         vm = self._vms.pop(vm_id, None)
         if vm is None:
             self._cleanup_unknown(vm_id)
+            await self._remove_jail(vm_id)
             return
         vm.stopping = True
         await self._kill(vm)
@@ -289,6 +336,7 @@ class QemuBackend:
         vm.watch.close()
         await vm.qmp.close()
         _remove_files(vm.run_dir, vm.files())
+        await self._remove_jail(vm_id)
 
     def _cleanup_unknown(self, vm_id: str) -> None:
         """Cleanup after a restart without adoption: trust only our own pidfile."""
