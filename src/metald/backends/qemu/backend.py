@@ -156,6 +156,7 @@ class QemuBackend:
         argv = build_argv(spec, options)
         if self.jailer is not None:
             argv, command = await self._jailed(spec, argv, accel)
+            argv = command[command.index("--") + 1 :]  # what QEMU's /proc cmdline will show
         else:
             command = launch_argv(spec, argv)
         popen = spawn(command, vmm_log_path(spec.run_dir))
