@@ -57,7 +57,7 @@ test-unit: dev ## Unit tests only (no root, no VMs)
 
 test: dev image ## Set everything up and run the whole suite
 	$(BIN)/ruff check
-	tests/isolated.sh $(BIN)/pytest -q -n 2 --dist loadgroup tests
+	tests/run-suite.sh
 
 clean: ## Remove the venv, generated code and built image
 	rm -rf $(VENV) $(GEN) build

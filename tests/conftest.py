@@ -28,3 +28,11 @@ def require_image() -> Path:
     if not (IMAGE_DIR / "vmlinuz").is_file() or not (IMAGE_DIR / "initramfs.cpio.gz").is_file():
         pytest.skip(f"guest image missing in {IMAGE_DIR}: run `make image`")
     return IMAGE_DIR
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every end-to-end test boots real guests: mark it `vm` so the suite runner
+    puts it in the real-VM group (tests/run-suite.sh)."""
+    for item in items:
+        if "/tests/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.vm)
