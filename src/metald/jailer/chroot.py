@@ -61,8 +61,7 @@ def ensure_dir(path: Path, mode: int, uid: int = 0, gid: int = 0) -> None:
 def make_tree(jail: Jail) -> None:
     """Create the jail directories (idempotent). The chroot dir itself may pre-exist."""
     base = jail.dir.parent.parent
-    if not base.exists():
-        base.mkdir(mode=0o755, parents=True)
+    base.mkdir(mode=0o755, parents=True, exist_ok=True)  # concurrent boots race here
     vmm_dir = jail.dir.parent
     if not vmm_dir.exists():
         ensure_dir(vmm_dir, 0o755)
