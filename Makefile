@@ -63,7 +63,7 @@ clean: ## Remove the venv, generated code and built image
 	rm -rf $(VENV) $(GEN) build
 
 # --- running -------------------------------------------------------------------
-METALD_DEV_ENV := UNKEY_METALD_IMAGE_DIR=$(IMAGE_DIR) UNKEY_METALD_JAILER_ENABLED=$${UNKEY_METALD_JAILER_ENABLED:-false}
+METALD_DEV_ENV := UNKEY_METALD_IMAGE_DIR=$(IMAGE_DIR)
 
 run: dev image ## Set everything up and run metald in the foreground on its embedded defaults
 	@echo "metald: API on http://127.0.0.1:8080 (SQLite in /opt/metald/data, QEMU backend, image in $(IMAGE_DIR))"

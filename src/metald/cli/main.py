@@ -208,7 +208,7 @@ def cmd_vm_info(args: argparse.Namespace) -> int:
         ]
         rows += [(f"backend.{k}", v) for k, v in sorted(r.backend_info.items())]
         for key, value in rows:
-            print(f"{key:<24}{value}")
+            print(f"{key:<30}{value}")
 
     _print(args, r, table)
     return 0
