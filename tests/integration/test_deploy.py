@@ -61,7 +61,7 @@ def test_make_install_into_destdir(tmp_path: Path) -> None:
     # host's network namespace. It writes nothing but files under DESTDIR.
     command = ["make", "-C", str(ROOT), "install", f"DESTDIR={dest}"]
     if os.environ.get("METALD_ISOLATED") == "1":
-        command = ["nsenter", "--net=/proc/1/ns/net", *command]
+        command = ["nsenter", "--net=/run/metald/host-netns", *command]  # see tests/isolated.sh
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for path in [
