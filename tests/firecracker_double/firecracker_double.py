@@ -1,14 +1,33 @@
 #!/usr/bin/env python3
-# THIS IS A TEST DOUBLE of Firecracker, not Firecracker.
+# THIS IS A TEST DOUBLE of Firecracker, not Firecracker. It exists because no
+# registry this project can use ships a Firecracker binary, and /dev/kvm on the
+# test machines cannot run stock guests. Never install it as a real VMM.
 #
-# It runs no guest. It is started like Firecracker (`--api-sock PATH --id ID`,
-# `--version`), serves Firecracker's HTTP API on the unix socket, and checks
-# every request strictly against Firecracker's official API description
+# By default it runs no guest. It is started like Firecracker (`--api-sock PATH
+# --id ID`, `--version`), serves Firecracker's HTTP API on the unix socket, and
+# checks every request strictly against Firecracker's official API description
 # (firecracker-api-v1.16.1.yaml, Swagger 2.0) and against Firecracker's own
-# rules (pre-boot/post-boot operations, ids, files that must exist, ...), so
-# that a client that works against it speaks exactly what Firecracker expects.
+# rules (pre-boot/post-boot operations, ids, files that must exist and open
+# with the process's own credentials, ...), so that a client that works
+# against it speaks exactly what Firecracker expects.
 #
-# Dependencies: the Python standard library, PyYAML and jsonschema.
+# With FC_DOUBLE_BOOT_QEMU=1 it boots a real guest, with QEMU standing in for
+# Firecracker's KVM-based VMM: on InstanceStart it runs `qemu-system-x86_64 -M
+# microvm -accel tcg` with the configured kernel, initrd, drives, boot args
+# (plus tsc_early_khz), TAP and guest MAC, 1 vCPU and mem_size_mib; the guest's
+# serial console goes to the double's stdout (where Firecracker writes it).
+# PATCH /vm Paused/Resumed become QMP stop/cont, SendCtrlAltDel becomes QMP
+# system_powerdown (the bundled guest powers off on the ACPI power button), and
+# the double exits when QEMU does. QEMU is dynamically linked, so this mode
+# cannot run inside a jail's chroot: use it with the jailer off.
+#
+# Dependencies: the Python standard library, PyYAML and jsonschema (and QEMU
+# for FC_DOUBLE_BOOT_QEMU).
+#
+# Test-double-only command-line option (Firecracker has none such):
+#   --double-knobs FILE   KEY=VALUE lines setting the knobs below; must come
+#                         first. For a double started with an empty
+#                         environment (e.g. by a jailer).
 #
 # Environment knobs (all optional):
 #   FC_DOUBLE_SPEC        path of the API YAML (default: found next to the repo,
@@ -19,19 +38,33 @@
 #                         the spec's template, e.g. "PUT /drives/{drive_id}"):
 #                         such requests are validated, then refused with 400
 #   FC_DOUBLE_FAIL_MESSAGE  the fault_message of those refusals
-#   FC_DOUBLE_CHECK_TAP=1 PUT /network-interfaces requires the TAP to exist
-#                         (/sys/class/net/<host_dev_name>)
+#   FC_DOUBLE_CHECK_TAP=1 PUT /network-interfaces opens the TAP as Firecracker
+#                         does (/dev/net/tun, TUNSETIFF IFF_TAP|IFF_NO_PI|
+#                         IFF_VNET_HDR) with the double's own credentials, after
+#                         checking that it exists in its network namespace
+#   FC_DOUBLE_CHECK_KVM=1 InstanceStart opens /dev/kvm read-write and asks its
+#                         API version, as Firecracker does when it builds the VM
+#   FC_DOUBLE_BOOT_QEMU=1 boot a real guest with QEMU (see above)
+#   FC_DOUBLE_QEMU        the QEMU binary (qemu-system-x86_64)
+#   FC_DOUBLE_TSC_KHZ     the host TSC rate for tsc_early_khz (default: read
+#                         from the host kernel, as metald's QEMU backend does)
 #   FC_DOUBLE_IGNORE_CTRLALTDEL=1  the "guest" ignores SendCtrlAltDel
 #   FC_DOUBLE_POWEROFF_DELAY  seconds between SendCtrlAltDel and exit (0.1)
 """A strict test double of the Firecracker VMM's API (see the header comment)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+import signal
+import socket
 import socketserver
 import stat
+import struct
+import subprocess
 import sys
 import threading
 import time
@@ -286,6 +319,38 @@ NET_PER_FLUSH = {
 }
 
 
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+KVM_GET_API_VERSION = 0xAE00
+
+
+def open_tap(name: str) -> int:
+    """Attach to TAP ``name`` like Firecracker's Tap::open_named; returns the fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        ifreq = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        fcntl.ioctl(fd, TUNSETIFF, ifreq)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_kvm() -> int:
+    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+    except OSError:
+        os.close(fd)
+        raise
+    if version != 12:
+        os.close(fd)
+        raise OSError(f"KVM API version {version}, not 12")
+    return fd
+
+
 def _open_nonblock(path: str, flags: int = os.O_RDWR) -> int:
     """Open like Firecracker's open_file_nonblock (never creates the file)."""
     return os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -311,6 +376,10 @@ class Vmm:
         self.other: dict[str, Any] = {}
         self.ctrl_alt_del_pending = False
         self.last_flush = time.monotonic()
+        self.tap_fds: dict[str, int] = {}
+        self.kvm_fd: int | None = None
+        self.qemu: QemuGuest | None = None
+        self.api_sock = ""
 
     # Dispatch ----------------------------------------------------------------
     def handle(self, route: Route, params: dict[str, str], body: Any) -> tuple[int, Any]:
@@ -451,13 +520,28 @@ class Vmm:
                     "device failed: Error while creating ifreq structure: Device or resource "
                     "busy (os error 16)."
                 )
-        if os.environ.get("FC_DOUBLE_CHECK_TAP") == "1" and not Path(f"/sys/class/net/{tap}").exists():
-            raise Fault(
-                "Network config error: Could not create the network device: Open tap device "
-                f"failed: TAP {tap} does not exist in this network namespace"
-            )
+        if os.environ.get("FC_DOUBLE_CHECK_TAP") == "1":
+            self._attach_tap(iface_id, tap)
         self.nets[iface_id] = body
         return 204, None
+
+    def _attach_tap(self, iface_id: str, tap: str) -> None:
+        prefix = "Network config error: Could not create the network device: Open tap device failed: "
+        try:
+            socket.if_nametoindex(tap)
+        except OSError:
+            raise Fault(f"{prefix}TAP {tap} does not exist in this network namespace") from None
+        old = self.tap_fds.pop(iface_id, None)
+        if old is not None:
+            os.close(old)
+        try:
+            self.tap_fds[iface_id] = open_tap(tap)
+        except OSError as exc:
+            raise Fault(
+                f"{prefix}Error while creating ifreq structure: {io_error(exc)}. Invalid TUN/TAP "
+                f"Backend provided by {tap}. Check our documentation on setting up the network "
+                "devices."
+            ) from None
 
     # Actions and runtime -----------------------------------------------------------
     def put_action(self, _p: dict, body: dict[str, Any]) -> tuple[int, Any]:
@@ -467,9 +551,20 @@ class Vmm:
                 raise Fault(NOT_AFTER_BOOT)
             if self.boot_source is None:
                 raise Fault("Start microvm error: Cannot start microvm without kernel configuration.")
+            if os.environ.get("FC_DOUBLE_CHECK_KVM") == "1":
+                try:
+                    self.kvm_fd = open_kvm()
+                except OSError as exc:
+                    raise Fault(
+                        "Start microvm error: Cannot start the VM because the KVM module is not "
+                        f"available: Error creating KVM object: {io_error(exc)}"
+                    ) from None
+            if os.environ.get("FC_DOUBLE_BOOT_QEMU") == "1":
+                self._boot_qemu()
+            else:
+                print(f"[double] {self.instance_id}: InstanceStart", flush=True)
             self.started = True
             self.last_flush = time.monotonic()
-            print(f"[double] {self.instance_id}: InstanceStart", flush=True)
             return 204, None
         if not self.started:
             raise Fault(NOT_BEFORE_BOOT)
@@ -484,12 +579,31 @@ class Vmm:
         return 204, None
 
     def patch_vm(self, _p: dict, body: dict[str, Any]) -> tuple[int, Any]:
-        self.paused = body["state"] == "Paused"
+        paused = body["state"] == "Paused"
+        if self.qemu is not None:
+            self.qemu.qmp("stop" if paused else "cont")
+        self.paused = paused
         if not self.paused and self.ctrl_alt_del_pending:
             self._schedule_poweroff()
         return 204, None
 
+    def _boot_qemu(self) -> None:
+        """Start the real guest (FC_DOUBLE_BOOT_QEMU=1); exit when QEMU exits."""
+        for fd in self.tap_fds.values():  # QEMU attaches to the TAP itself
+            os.close(fd)
+        self.tap_fds.clear()
+        assert self.boot_source is not None
+        argv = qemu_argv(self, qmp_path=self.api_sock + ".qmp")
+        print(f"[double] {self.instance_id}: InstanceStart: {' '.join(argv)}", file=sys.stderr, flush=True)
+        try:
+            self.qemu = QemuGuest.start(argv, self.api_sock + ".qmp", self.exit_process)
+        except (OSError, RuntimeError) as exc:
+            raise Fault(f"Start microvm error: THIS TEST DOUBLE could not start QEMU: {exc}") from None
+
     def _schedule_poweroff(self) -> None:
+        if self.qemu is not None:
+            self.qemu.press_power_button()  # the guest powers off; QEMU's exit ends the double
+            return
         delay = float(os.environ.get("FC_DOUBLE_POWEROFF_DELAY", "0.1"))
 
         def poweroff() -> None:
@@ -534,6 +648,174 @@ class Vmm:
             os.write(self.metrics_fd, data)
         except BlockingIOError:
             pass  # a FIFO nobody reads: Firecracker drops the line too
+
+
+# --- FC_DOUBLE_BOOT_QEMU: a real guest under QEMU ------------------------------
+
+QEMU_MACHINE = "microvm,x-option-roms=off,isa-serial=on"
+POWER_BUTTON_REPEAT_S = 2.0  # the guest hears the ACPI button only once its handler runs
+
+
+def _tsc_khz() -> int | None:
+    value = os.environ.get("FC_DOUBLE_TSC_KHZ")
+    if value:
+        return int(value)
+    try:
+        from metald.backends.qemu.clock import cached_host_tsc_khz
+    except ImportError:
+        return None
+    return cached_host_tsc_khz()
+
+
+def _opt(value: str) -> str:
+    return value.replace(",", ",,")
+
+
+def qemu_argv(vmm: Vmm, qmp_path: str) -> list[str]:
+    """QEMU standing in for Firecracker's VMM: the same kernel, initrd, drives, TAP and MAC."""
+    boot = vmm.boot_source or {}
+    args = boot.get("boot_args", "")
+    khz = _tsc_khz()
+    if khz and "tsc_early_khz=" not in args:
+        args = f"{args} tsc_early_khz={khz}".strip()  # TCG guests hang calibrating their TSC without it
+    argv = [
+        os.environ.get("FC_DOUBLE_QEMU", "qemu-system-x86_64"),
+        "-M", QEMU_MACHINE,
+        "-accel", "tcg",
+        "-cpu", "max",
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-no-reboot",  # like Firecracker: a guest reboot ends the VMM
+        "-name", f"guest={_opt(vmm.instance_id)}",
+        "-smp", "1",
+        "-m", str(vmm.machine["mem_size_mib"]),
+        "-kernel", boot["kernel_image_path"],
+        "-append", args,
+    ]  # fmt: skip
+    if "initrd_path" in boot:
+        argv += ["-initrd", boot["initrd_path"]]
+    drives = sorted(vmm.drives.values(), key=lambda d: not d["is_root_device"])  # root is /dev/vda
+    for i, drive in enumerate(drives):
+        opts = f"id=drv{i},file={_opt(drive['path_on_host'])},format=raw,if=none"
+        if drive["is_read_only"]:
+            opts += ",readonly=on"
+        argv += ["-drive", opts, "-device", f"virtio-blk-device,drive=drv{i}"]
+    for i, net in enumerate(vmm.nets.values()):
+        device = f"virtio-net-device,netdev=net{i}"
+        if net.get("guest_mac"):
+            device += f",mac={net['guest_mac']}"
+        tap = _opt(net["host_dev_name"])
+        argv += ["-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no,vhost=off", "-device", device]
+    argv += ["-chardev", "stdio,id=console0,signal=off", "-serial", "chardev:console0"]
+    argv += ["-qmp", f"unix:{_opt(qmp_path)},server=on,wait=off"]
+    return argv
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class QemuGuest:
+    """One QEMU child, driven over QMP; its exit ends the double."""
+
+    def __init__(self, qmp_path: str) -> None:
+        self.qmp_path = qmp_path
+        self.sock: socket.socket | None = None
+        self.reader: Any = None
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready = threading.Event()
+        self.failed: str | None = None
+
+    @classmethod
+    def start(cls, argv: list[str], qmp_path: str, exit_process: Callable[[int], None]) -> QemuGuest:
+        guest = cls(qmp_path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(qmp_path)
+        # QEMU gets SIGKILL when the thread that started it ends, so a thread that
+        # lives as long as QEMU starts and waits for it.
+        thread = threading.Thread(target=guest._supervise, args=(argv, exit_process), daemon=True)
+        thread.start()
+        if not guest.ready.wait(30) or guest.failed:
+            raise RuntimeError(guest.failed or "QMP did not answer within 30 s")
+        return guest
+
+    def _supervise(self, argv: list[str], exit_process: Callable[[int], None]) -> None:
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        except OSError as exc:
+            self.failed = f"{argv[0]}: {exc}"
+            self.ready.set()
+            return
+        try:
+            self._connect()
+        except (OSError, RuntimeError, ValueError) as exc:
+            self.failed = f"QMP: {exc}"
+            self.proc.kill()
+        self.ready.set()
+        code = self.proc.wait()
+        print(f"[double] QEMU exited with status {code}", file=sys.stderr, flush=True)
+        if not self.failed:
+            exit_process(0 if code == 0 else 1)
+
+    def _connect(self) -> None:
+        deadline = time.monotonic() + 20
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited with status {self.proc.returncode}")
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(self.qmp_path)
+                break
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        sock.settimeout(10)
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+        self._read_reply(greeting=True)
+        self.qmp("qmp_capabilities")
+
+    def _read_reply(self, greeting: bool = False) -> Any:
+        while True:
+            line = self.reader.readline()
+            if not line:
+                raise RuntimeError("QMP connection closed")
+            msg = json.loads(line)
+            if greeting and "QMP" in msg:
+                return msg
+            if "return" in msg:
+                return msg["return"]
+            if "error" in msg:
+                raise RuntimeError(f"QMP error: {msg['error']}")
+            # an event: skip
+
+    def qmp(self, command: str) -> Any:
+        with self.lock:
+            if self.sock is None:
+                raise Fault("THIS TEST DOUBLE has no QMP connection to QEMU")
+            try:
+                self.sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
+                return self._read_reply()
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise Fault(f"THIS TEST DOUBLE: QMP {command} failed: {exc}") from None
+
+    def press_power_button(self) -> None:
+        """system_powerdown, repeated until QEMU exits (an early press is lost)."""
+
+        def repeat() -> None:
+            while self.proc is not None and self.proc.poll() is None:
+                with contextlib.suppress(Fault):
+                    self.qmp("system_powerdown")
+                time.sleep(POWER_BUTTON_REPEAT_S)
+
+        threading.Thread(target=repeat, daemon=True).start()
 
 
 def _default_machine() -> dict[str, Any]:
@@ -685,8 +967,22 @@ USAGE = "THIS IS A TEST DOUBLE of Firecracker.\nusage: firecracker_double.py [--
 _VALUE_FLAGS = {"--api-sock", "--id", "--start-time-us", "--start-time-cpu-us", "--parent-cpu-time-us"}
 
 
+def load_knobs(path: str) -> None:
+    """Apply ``--double-knobs FILE`` (KEY=VALUE lines) to this process's os.environ."""
+    for line in Path(path).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            os.environ[key.strip()] = value
+
+
 def parse_args(argv: list[str]) -> dict[str, str]:
-    """Firecracker's command line (the subset metald and the jailer use), strictly."""
+    """Firecracker's command line (the subset metald and the jailer use), strictly.
+
+    A leading ``--double-knobs FILE`` (this double's own option) is applied first.
+    """
+    if argv[:1] == ["--double-knobs"] and len(argv) >= 2:
+        load_knobs(argv[1])
+        argv = argv[2:]
     opts: dict[str, str] = {}
     i = 0
     while i < len(argv):
@@ -733,6 +1029,7 @@ def main(argv: list[str]) -> int:
         os._exit(code)
 
     vmm = Vmm(instance_id, validator.version, exit_process)
+    vmm.api_sock = sock
     record = os.environ.get("FC_DOUBLE_RECORD")
     app = App(validator, vmm, Path(record) if record else None)
     handler = type("BoundHandler", (Handler,), {"app": app})

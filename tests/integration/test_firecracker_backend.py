@@ -17,11 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from metald.backends.firecracker.backend import FirecrackerBackend
-from metald.backends.firecracker.launch import DirectLauncher
+from metald.backends.firecracker import procfs
+from metald.backends.firecracker.backend import FirecrackerBackend, kvm_unusable
+from metald.backends.firecracker.client import FirecrackerClient
+from metald.backends.firecracker.handle import is_vmm_of
+from metald.backends.firecracker.launch import DirectLauncher, JailerLauncher
 from metald.config import Settings
 from metald.core.errors import BackendError, InvalidArgument
 from metald.core.models import BootSpec, Drive, NetworkAllocation, RateLimit
+from metald.jailer.jailer import Jailer
 from tests.firecracker_double import harness
 
 MIB = 1 << 20
@@ -321,8 +325,10 @@ async def test_firecracker_fault_message_surfaces_as_backend_error(env: Env) -> 
 
     assert "PUT /machine-config" in str(caught.value)
     assert not backend.is_running(spec.vm_id)
-    pid = int((await backend.info(spec.vm_id))["pid"])
-    assert not _alive(pid)  # the half-configured VMM was killed
+    assert (await backend.info(spec.vm_id))["state"] == "not tracked"
+    sock = str(spec.run_dir / "firecracker.sock")
+    vmms = [pid for pid in procfs.pids() if is_vmm_of(procfs.read_cmdline(pid) or [], spec.vm_id, sock)]
+    assert not [pid for pid in vmms if _alive(pid)]  # the half-configured VMM was killed
     assert env.exits == []  # a failed boot raises; it is not an unexpected exit
 
 
@@ -422,7 +428,10 @@ async def test_cleanup_kills_an_untracked_vmm_and_removes_files(env: Env) -> Non
 
 
 async def test_ping(env: Env) -> None:
+    if kvm_unusable(Path("/dev/kvm")) is not None:
+        pytest.skip(f"no usable /dev/kvm here: {kvm_unusable(Path('/dev/kvm'))}")
     backend = env.backend()
+    backend.kvm_path = Path("/dev/kvm")
     ok, detail = await backend.ping()
     assert ok, detail
     assert "firecracker 1.16.1" in detail
@@ -430,6 +439,10 @@ async def test_ping(env: Env) -> None:
     backend.kvm_path = env.tmp / "no-kvm"
     ok, detail = await backend.ping()
     assert not ok and "no-kvm" in detail and "modprobe" in detail
+
+    backend.kvm_path = env.kvm  # a regular file opens read-write but is no KVM device
+    ok, detail = await backend.ping()
+    assert not ok and "is no KVM device" in detail
 
     missing = FirecrackerBackend(
         Settings(run_dir=env.run_root, firecracker_binary=str(env.tmp / "nope")), kvm_path=env.kvm
@@ -452,3 +465,52 @@ async def test_validate_names_the_field(env: Env) -> None:
             await backend.validate(bad)
         assert caught.value.field == field
     assert env.requests() == []
+
+
+def test_jailer_launcher_runs_firecracker_chrooted_in_a_pid_namespace(env: Env) -> None:
+    settings = Settings(run_dir=env.run_root, jailer_chroot_dir=env.tmp / "jail", jailer_uid=61000, jailer_gid=61001)
+    backend = FirecrackerBackend(settings, jailer=Jailer(settings), kvm_path=env.kvm)
+    assert isinstance(backend.launcher, JailerLauncher)
+    assert backend.tap_owner == (61000, 61001)
+    net = NetworkAllocation("ab12cd34", "fc-vm-fc-1", "vh_ab12cd34", "vn_ab12cd34", "tap_ab12cd34", "10.100.0.5", 16,
+                            "10.100.0.1", "AA:FC:00:00:00:05")  # fmt: skip
+    spec = env.spec(network=net)
+    launch = backend.launcher.prepare(spec)
+    root = env.tmp / "jail" / "firecracker" / "vm-fc-1" / "root"
+    argv = launch.argv
+    assert argv[1:4] == ["-I", "-m", "metald.jailer.exec"]
+    assert argv[argv.index("--netns") + 1] == "fc-vm-fc-1"
+    assert argv[argv.index("--chroot") + 1] == str(root)
+    assert (argv[argv.index("--uid") + 1], argv[argv.index("--gid") + 1]) == ("61000", "61001")
+    assert "--new-pid-ns" in argv and argv[argv.index("--pid-file") + 1] == str(root.parent / "vmm.pid")
+    assert argv[argv.index("--") + 1 :] == [settings.firecracker_binary, "--api-sock", "/run/firecracker.socket",
+                                             "--id", "vm-fc-1"]  # fmt: skip
+    assert launch.socket_path == root / "run" / "firecracker.socket"
+    assert launch.vmm_path(root / "run" / "firecracker.log") == "/run/firecracker.log"
+    assert launch.expose(env.assets / "vmlinux", "vmlinux") == "/vmlinux"  # placed by the jail, not here
+    assert not root.exists()  # prepare is pure; setup builds the jail
+    unjailed = FirecrackerBackend(Settings(run_dir=env.run_root, jailer_enabled=False), kvm_path=env.kvm)
+    assert isinstance(unjailed.launcher, DirectLauncher) and unjailed.tap_owner is None
+
+
+async def test_client_reaches_a_socket_whose_path_is_too_long_for_sun_path(env: Env) -> None:
+    deep = env.tmp / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    sock = deep / "firecracker.socket"
+    assert len(str(sock)) > 107
+    dir_fd = os.open(deep, os.O_PATH | os.O_DIRECTORY)
+    shim = harness.make_shim(env.tmp, env.record)
+    proc = await asyncio.create_subprocess_exec(
+        str(shim), "--api-sock", f"/proc/self/fd/{dir_fd}/firecracker.socket", "--id", "long", pass_fds=[dir_fd]
+    )
+    os.close(dir_fd)
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.02)
+        async with FirecrackerClient(sock) as client:
+            assert (await client.describe_instance())["id"] == "long"
+    finally:
+        proc.kill()
+        await proc.wait()

@@ -86,11 +86,11 @@ def _tree(root: Path | None, skip_top_dirs: bool = False) -> set[str]:
     return out
 
 
-def _cgroups() -> set[str]:
+def _cgroups(prefix: str = "") -> set[str]:
     out = set()
     for root in CGROUP_ROOTS:
         if root.is_dir():
-            out |= {str(p) for p in root.iterdir() if p.is_dir()}
+            out |= {str(p) for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix)}
     return out
 
 
@@ -123,7 +123,9 @@ class Snapshot:
 
 
 def snapshot(db: Path | None = None, run_dir: Path | None = None, jail_dir: Path | None = None,
-             vmm_marker: str = "") -> Snapshot:
+             vmm_marker: str = "", cgroup_prefix: str = "") -> Snapshot:
+    """``cgroup_prefix`` keeps only VM cgroups whose name starts with it: cgroups are
+    host-wide (not in the test's namespaces), so concurrent test runs see each other's."""
     return Snapshot(
         {
             "netns": _netns(),
@@ -132,7 +134,7 @@ def snapshot(db: Path | None = None, run_dir: Path | None = None, jail_dir: Path
             "store": _store(db),
             "run_files": _tree(run_dir),
             "jail_files": _tree(jail_dir, skip_top_dirs=True),
-            "cgroups": _cgroups(),
+            "cgroups": _cgroups(cgroup_prefix),
             "processes": _vmm_processes(vmm_marker),
         }
     )
@@ -143,3 +145,104 @@ def assert_no_leaks(before: Snapshot, after: Snapshot, ignore: tuple[str, ...] =
     assert not changes, "leak audit: " + "; ".join(
         f"{kind}: +{sorted(added)[:5]} -{sorted(removed)[:5]}" for kind, (added, removed) in changes.items()
     )
+
+
+# --- ownership: everything present belongs to a VM in the store -----------------
+
+@dataclass
+class StoredVm:
+    vm_id: str
+    state: int  # VmState number
+    short_id: str | None
+    ip: str | None
+
+
+def stored_vms(db: Path) -> dict[str, StoredVm]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        shorts = {vm: short for short, vm in conn.execute("SELECT short_id, vm_id FROM net_short_ids")}
+        ips = {vm: ip for ip, vm in conn.execute("SELECT ip, vm_id FROM ip_allocations")}
+        return {
+            vm_id: StoredVm(vm_id, state, shorts.get(vm_id), ips.get(vm_id))
+            for vm_id, state in conn.execute("SELECT vm_id, state FROM vms")
+        }
+    finally:
+        conn.close()
+
+
+def intents(db: Path) -> list[str]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return [f"{vm}:{op}" for vm, op in conn.execute("SELECT vm_id, operation FROM intents")]
+    finally:
+        conn.close()
+
+
+def vmm_processes_of(run_dir: Path) -> list[tuple[int, str]]:
+    """(pid, vm_id) of live processes with ``-qmp unix:<run_dir>/<vm_id>/qmp.sock``."""
+    marker = re.compile("unix:" + re.escape(str(run_dir)) + r"/([^/]+)/qmp\.sock")
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        match = marker.search(cmdline)
+        if match:
+            found.append((int(pid), match.group(1)))
+    return found
+
+
+def orphans(snap: Snapshot, db: Path, run_dir: Path, jail_dir: Path, cgroup_prefix: str = "",
+            base: Snapshot | None = None) -> list[str]:
+    """What in ``snap`` belongs to no VM in the store (or is missing for one).
+
+    Items also in ``base`` (taken before any VM existed: the host bridge, the
+    tables and their rules) are the host's, not a VM's. Running/paused VMs
+    (states 2, 3) must have exactly one VMM process; others none.
+    """
+    vms = stored_vms(db)
+    ignore = base.items if base is not None else {}
+    problems: list[str] = []
+
+    def new(kind: str) -> set[str]:
+        return snap.items.get(kind, set()) - ignore.get(kind, set())
+
+    for ns in new("netns"):
+        if not (ns.startswith("fc-") and ns[3:] in vms):
+            problems.append(f"netns {ns}")
+    shorts = {v.short_id for v in vms.values() if v.short_id}
+    for link in new("links"):
+        if link[:3] in ("vh_", "vn_", "tap") and link.split("_", 1)[-1] not in shorts:
+            problems.append(f"link {link}")
+    ips = {v.ip for v in vms.values() if v.ip}
+    for line in new("nft"):
+        found = re.findall(r"10\.\d+\.\d+\.\d+", line)
+        vhs = re.findall(r"vh_([0-9a-z]+)", line)
+        if any(ip not in ips and not ip.endswith(".0.1") for ip in found) or any(v not in shorts for v in vhs):
+            problems.append(f"nft {line[:160]}")
+    for path in new("run_files"):
+        rel = Path(path).relative_to(run_dir).parts
+        if rel[0] not in vms:
+            problems.append(f"run file {path}")
+    for path in new("jail_files"):
+        rel = Path(path).relative_to(jail_dir).parts
+        if len(rel) >= 2 and rel[1] not in vms:
+            problems.append(f"jail file {path}")
+    for path in new("cgroups"):
+        name = Path(path).name
+        if name.startswith(cgroup_prefix) and name not in vms:
+            problems.append(f"cgroup {path}")
+    per_vm: dict[str, int] = {}
+    for _, vm_id in vmm_processes_of(run_dir):
+        per_vm[vm_id] = per_vm.get(vm_id, 0) + 1
+    for vm_id, count in per_vm.items():
+        vm = vms.get(vm_id)
+        if vm is None or vm.state not in (2, 3) or count != 1:
+            problems.append(f"{count} VMM process(es) of {vm_id!r} (state {vm.state if vm else 'no row'})")
+    for vm in vms.values():
+        if vm.state in (2, 3) and per_vm.get(vm.vm_id, 0) == 0:
+            problems.append(f"{vm.vm_id} is recorded running/paused but has no VMM process")
+    return problems

@@ -30,7 +30,8 @@ def _qemu(settings: Settings) -> Backend:
 def _firecracker(settings: Settings) -> Backend:
     from metald.backends.firecracker.backend import FirecrackerBackend
 
-    return FirecrackerBackend(settings)
+    # The jailer settings are checked for Firecracker's own jailer too (same uid/gid/chroot dir).
+    return FirecrackerBackend(settings, jailer=_jailer(settings))  # type: ignore[arg-type]
 
 
 async def make_backend(settings: Settings) -> Backend:

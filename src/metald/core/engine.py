@@ -11,12 +11,48 @@ Operations on one VM are serialised by a per-VM lock; different VMs proceed
 concurrently. Each mutating operation is recorded as an intent in the store
 before its first side effect, so a crash mid-operation is finished or rolled
 back by :meth:`VmEngine.reconcile` on the next start.
+
+Every operation is a plan whose steps undo themselves when a later one fails,
+so a failed operation leaves exactly what was there before. Steps that cannot
+be undone (stopping or resetting a guest) come last. Per operation:
+
+* create: any failure undoes every step; an interrupted create is rolled back
+  (the VM never existed).
+* boot: a failure stops the VMM it started and removes the files and the jail
+  it made (a SHUTDOWN VM keeps its logs and jail). Interrupted: if the VMM the
+  store's handle names is alive and provably the same process, it is adopted
+  and the VM is RUNNING (completed); otherwise any half-started VMM is killed,
+  its files and (from CREATED) jail removed, and the VM is back in its
+  previous state (rolled back).
+* pause/resume: no intent. Each is one QMP command followed by one store
+  write, and the outcome can be read back: on restart the recorded state of
+  every adopted VM is set from the VMM's own run state (running/paused), which
+  completes or rolls back an interrupted pause/resume.
+* shutdown: the stop is the only step. Interrupted: a VMM still alive is
+  adopted and keeps its state (rolled back; the caller may retry); a VMM that
+  is gone makes the VM SHUTDOWN (completed).
+* reboot: network check, then the reboot (the last step). Interrupted: a VMM
+  that the handle proves is ours is adopted (RUNNING); if the restart of a
+  graceful reboot was cut off, the reboot is completed by starting a new VMM
+  (SHUTDOWN with the reason if that fails).
+* delete: stop the VMM (forced delete only; this cannot be undone, so a later
+  failure leaves the VM SHUTDOWN with all its resources), tear down the
+  network, remove the jail, free the addresses, move the run directory aside,
+  and finally forget the row. Every step but the first is undone on failure.
+  Interrupted: completed (every part is idempotent).
+
+A VMM that exits on its own is noticed at once (pidfd) and its VM recorded
+SHUTDOWN with the reason; its IP, namespace and jail stay for a later boot and
+are freed by delete.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import re
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -39,11 +75,20 @@ from metald.core.plan import FuncStep, Plan, Step, StepObserver
 from metald.core.ports import Backend, Network
 from metald.core.specs import boot_spec, draft_from_dict, draft_to_dict
 from metald.observability.logging import log_context
-from metald.store.sqlite import DuplicateVm, Store, VmRow
+from metald.store.sqlite import DuplicateVm, Intent, Store, VmRow
 
 log = logging.getLogger(__name__)
 
 ACTIVE = (VmState.RUNNING, VmState.PAUSED)
+# VMs reconciled at once at start-up (network re-apply and QMP adoption overlap).
+RECONCILE_CONCURRENCY = 32
+# Network steps that add nft elements (no way to tell whether they were there).
+_ELEMENT_STEPS = frozenset({"firewall", "port_forwards"})
+# delete moves a VM's run directory to <run_dir>/<TRASH_PREFIX><vm_id> until it commits.
+TRASH_PREFIX = ".deleting-"
+# Entries of the run directory that are not a VM's (the QEMU accelerator probe).
+RUN_DIR_RESERVED = frozenset({"accel-probe"})
+_VM_DIR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 
 # Called after every operation: (operation, outcome, seconds, error or None)
 OperationObserver = Callable[[str, str, float, BaseException | None], None]
@@ -71,6 +116,7 @@ class ReconcileReport:
     rolled_back: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
     leftovers_removed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -165,7 +211,50 @@ class VmEngine:
     def _network_steps(self, alloc: NetworkAllocation | None) -> list[Step]:
         if self.network is None or alloc is None:
             return []
+        # A jailed Firecracker opens its TAP after dropping root: the backend names the owner.
+        owner: tuple[int, int] | None = getattr(self.backend, "tap_owner", None)
+        if owner is not None:
+            return list(self.network.setup_steps(alloc, *owner))
         return list(self.network.setup_steps(alloc))
+
+    def _reapply_steps(self, alloc: NetworkAllocation | None) -> list[Step]:
+        """The network steps for re-applying an existing VM network: missing parts
+        are made again, present ones left alone. nft element steps cannot tell
+        whether the elements were there before, so their undo is skipped (it
+        would remove elements the VM had before the operation)."""
+        return [s if s.name not in _ELEMENT_STEPS else _NoUndo(s) for s in self._network_steps(alloc)]
+
+    def _backend_hook(self, name: str) -> Any:
+        """An optional backend method (the QEMU backend has the recovery helpers)."""
+        return getattr(self.backend, name, None)
+
+    def _has_jail(self, vm_id: str) -> bool:
+        hook = self._backend_hook("jail_exists")
+        return bool(hook(vm_id)) if hook is not None else False
+
+    async def _discard_vmm(self, vm_id: str) -> None:
+        """Kill any VMM of the VM and remove its runtime files (logs and jail stay)."""
+        hook = self._backend_hook("discard")
+        if hook is not None:
+            await hook(vm_id)
+        elif self.backend.is_running(vm_id):
+            await self.backend.shutdown(vm_id, True, 0)
+
+    async def _unboot(self, vm_id: str, run_dir: Path, before: set[str] | None, had_jail: bool) -> None:
+        """Undo a (partial) boot: no VMM, no new files, no jail it made."""
+        await self._discard_vmm(vm_id)
+        if self.store.get_vm(vm_id) is not None:
+            self.store.update_vm(vm_id, handle={})
+        if before is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            for name in _files(run_dir) - before:
+                with contextlib.suppress(OSError):
+                    (run_dir / name).unlink()
+        if not had_jail:
+            hook = self._backend_hook("remove_jail")
+            if hook is not None:
+                await hook(vm_id)
 
     # --- create --------------------------------------------------------------
     async def create(
@@ -263,17 +352,25 @@ class VmEngine:
             alloc = self._alloc(row)
 
             async def ensure_network() -> None:
-                steps = self._network_steps(alloc)
+                steps = self._reapply_steps(alloc)
                 if steps:
                     await Plan("network", steps).run()
 
+            undo: dict[str, Any] = {}
+
             async def start_vmm() -> None:
-                spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-                handle = await self.backend.boot(spec)
-                self.store.update_vm(vm_id, handle=handle)
+                undo["before"] = _files(spec.run_dir) if spec.run_dir.is_dir() else None
+                undo["had_jail"] = self._has_jail(vm_id)
+                try:
+                    spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+                    handle = await self.backend.boot(spec)
+                    self.store.update_vm(vm_id, handle=handle)
+                except BaseException:
+                    await stop_vmm()
+                    raise
 
             async def stop_vmm() -> None:
-                await self.backend.shutdown(vm_id, True, 0)
+                await self._unboot(vm_id, spec.run_dir, undo["before"], undo["had_jail"])
 
             async def record() -> None:
                 status = dict(row.status)
@@ -336,40 +433,72 @@ class VmEngine:
         async def body() -> VmState:
             row = self._row(vm_id)
             self._require(row, ACTIVE, "shut down")
-            self.store.begin_intent(vm_id, "shutdown")
+            result: dict[str, str] = {}
+
+            async def stop() -> None:
+                # The one step, and it cannot be undone: the guest is gone after it.
+                try:
+                    result["how"] = await self._backend_call(self.backend.shutdown(vm_id, force, timeout_s))
+                except MetaldError as exc:
+                    if not self.backend.is_running(vm_id):
+                        self._record_stopped(row, f"shutdown failed: {exc}")
+                    raise
+                self._record_stopped(row, result["how"])
+
+            self.store.begin_intent(vm_id, "shutdown", {"from": row.state})
             try:
-                how = await self._backend_call(self.backend.shutdown(vm_id, force, timeout_s))
+                await self._plan("shutdown", [FuncStep("vmm", stop)]).run()
+            except StepFailed as exc:
+                raise _unwrap(exc) from exc
             finally:
                 self.store.end_intent(vm_id)
-            status = dict(row.status)
-            status["last_exit"] = how
-            status["exited_at"] = time.time()
-            self._set_state(vm_id, VmState.SHUTDOWN, status=status, handle={})
-            self.store.add_event(vm_id, "shutdown", "ok", how)
+            self.store.add_event(vm_id, "shutdown", "ok", result["how"])
             return VmState.SHUTDOWN
 
         return await self._operation("shutdown", vm_id, body)
+
+    def _record_stopped(self, row: VmRow, how: str) -> None:
+        status = dict(self._row(row.vm_id).status)
+        status["last_exit"] = how
+        status["exited_at"] = time.time()
+        self._set_state(row.vm_id, VmState.SHUTDOWN, status=status, handle={})
 
     async def reboot(self, vm_id: str, force: bool) -> VmState:
         async def body() -> VmState:
             row = self._row(vm_id)
             self._require(row, (VmState.RUNNING,), "reboot")
             spec = self._spec(row)
-            self.store.begin_intent(vm_id, "reboot")
+            alloc = self._alloc(row)
+
+            async def ensure_network() -> None:
+                # a graceful reboot starts a new VMM: its TAP must be there
+                steps = self._reapply_steps(alloc)
+                if steps:
+                    await Plan("network", steps).run()
+
+            async def restart() -> None:
+                # The last step; a reset or a restarted guest cannot be undone.
+                try:
+                    handle = await self._backend_call(self.backend.reboot(spec, force))
+                except MetaldError as exc:
+                    if not self.backend.is_running(vm_id):
+                        await self._discard_vmm(vm_id)
+                        self._record_stopped(row, f"reboot failed: {exc}")
+                    raise
+                status = dict(row.status)
+                status["booted_at"] = time.time()
+                status["reboots"] = int(status.get("reboots", 0)) + 1
+                self.store.update_vm(vm_id, handle=handle or row.handle, status=status)
+
+            self.store.begin_intent(vm_id, "reboot", {"force": force})
             try:
-                handle = await self._backend_call(self.backend.reboot(spec, force))
-            except MetaldError:
-                if not self.backend.is_running(vm_id):
-                    status = dict(row.status)
-                    status["last_exit"] = "reboot failed"
-                    self._set_state(vm_id, VmState.SHUTDOWN, status=status, handle={})
-                raise
+                await self._plan(
+                    "reboot", [FuncStep("network", ensure_network), FuncStep("vmm", restart)]
+                ).run()
+            except StepFailed as exc:
+                raise _unwrap(exc) from exc
             finally:
                 self.store.end_intent(vm_id)
-            status = dict(row.status)
-            status["booted_at"] = time.time()
-            status["reboots"] = int(status.get("reboots", 0)) + 1
-            self.store.update_vm(vm_id, handle=handle or row.handle, status=status)
             self.store.add_event(vm_id, "reboot", "ok", "forced" if force else "graceful")
             return VmState.RUNNING
 
@@ -384,16 +513,100 @@ class VmEngine:
                     f"cannot delete vm {vm_id}: it is {_state_name(row.state)};"
                     " shut it down first or pass force=true"
                 )
-            self.store.begin_intent(vm_id, "delete")
-            await self._teardown(row)
+            self.store.begin_intent(vm_id, "delete", {"from": row.state})
+            try:
+                await self._plan("delete", self._delete_steps(row)).run()
+            except StepFailed as exc:
+                if self.store.get_vm(vm_id) is not None:
+                    self.store.end_intent(vm_id)
+                raise _unwrap(exc) from exc
             self._locks.pop(vm_id, None)
 
         await self._operation("delete", vm_id, body)
         self.store.add_event(vm_id, "delete", "ok")
 
+    def _delete_steps(self, row: VmRow) -> list[Step]:
+        """vmm, network, jail, release, files, record: each undone if a later one fails
+        (but a stopped VMM stays stopped); ``record`` forgets the VM and commits."""
+        vm_id = row.vm_id
+        alloc = self._alloc(row)
+        spec = self._spec(row)
+        run_dir = self.settings.run_dir / vm_id
+        trash = _trash_of(self.settings.run_dir, vm_id)
+        had: dict[str, bool] = {}
+
+        async def stop_vmm() -> None:
+            if self.backend.is_running(vm_id):
+                how = await self._backend_call(self.backend.shutdown(vm_id, True, 0))
+                self._record_stopped(row, f"stopped by DeleteVm ({how})")
+            await self._discard_vmm(vm_id)
+
+        async def network_down() -> None:
+            if self.network is not None and alloc is not None:
+                await self.network.teardown(alloc)
+
+        async def network_up() -> None:
+            steps = self._network_steps(alloc)
+            if steps:
+                await Plan("network", steps).run()
+
+        async def jail_down() -> None:
+            had["jail"] = self._has_jail(vm_id)
+            hook = self._backend_hook("remove_jail")
+            if hook is not None:
+                await hook(vm_id)
+
+        async def jail_up() -> None:
+            hook = self._backend_hook("restore_jail")
+            if had.get("jail") and hook is not None:
+                await hook(spec)
+
+        held: dict[str, Any] = {}
+
+        async def release() -> None:
+            held.update(short=self.store.short_id_of(vm_id), ip=self.store.ip_of(vm_id))
+            held["ports"] = self.store.ports_of(vm_id)
+            if self.network is not None:
+                await self.network.release(vm_id)
+
+        async def reclaim() -> None:
+            # exactly the claims the VM held (its allocation is still in its row)
+            if held.get("short"):
+                self.store.claim_short_id(vm_id, held["short"])
+            if held.get("ip"):
+                self.store.claim_ip(vm_id, held["ip"])
+            for host_port, protocol, guest_port in held.get("ports", ()):
+                self.store.claim_port(vm_id, host_port, protocol, guest_port)
+
+        async def files_away() -> None:
+            shutil.rmtree(trash, ignore_errors=True)
+            if run_dir.exists():
+                run_dir.rename(trash)
+
+        async def files_back() -> None:
+            if trash.exists() and not run_dir.exists():
+                trash.rename(run_dir)
+
+        async def forget() -> None:
+            self.store.delete_vm(vm_id)  # also frees its addresses and its intent
+            shutil.rmtree(trash, ignore_errors=True)
+            try:
+                await self.backend.cleanup(vm_id)  # drop the backend's memory of it
+            except Exception:
+                log.exception("backend cleanup after delete failed")
+
+        return [
+            FuncStep("vmm", stop_vmm),
+            FuncStep("network", network_down, network_up),
+            FuncStep("jail", jail_down, jail_up),
+            FuncStep("release", release, reclaim),
+            FuncStep("files", files_away, files_back),
+            FuncStep("record", forget),
+        ]
+
     async def _teardown(self, row: VmRow) -> None:
         """Remove everything of one VM; each part is idempotent, so this can run
-        again after a crash."""
+        again after a crash (plan ``reconcile.teardown``)."""
         vm_id = row.vm_id
         steps: list[Step] = [FuncStep("vmm", lambda: self.backend.cleanup(vm_id))]
         alloc = self._alloc(row)
@@ -403,16 +616,18 @@ class VmEngine:
                 steps.append(FuncStep("network", lambda: net.teardown(alloc)))
             steps.append(FuncStep("release", lambda: self.network.release(vm_id)))  # type: ignore[union-attr]
         run_dir = self.settings.run_dir / vm_id
+        trash = _trash_of(self.settings.run_dir, vm_id)
 
         async def remove_files() -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(trash, ignore_errors=True)
 
         async def forget() -> None:
             self.store.delete_vm(vm_id)
 
         steps += [FuncStep("files", remove_files), FuncStep("record", forget)]
         try:
-            await self._plan("delete", steps).run()
+            await self._plan("reconcile.teardown", steps).run()
         except StepFailed as exc:
             raise _unwrap(exc) from exc
 
@@ -488,54 +703,46 @@ class VmEngine:
         return await self.reconcile()
 
     async def reconcile(self) -> ReconcileReport:
-        """Make the host agree with the store after a (re)start."""
+        """Make the host agree with the store after a (re)start.
+
+        Per VM (concurrently, under the VM's lock): finish or roll back its
+        interrupted operation (module docstring), re-apply its network plan
+        (missing parts made again, present ones left alone), adopt its VMM if
+        the handle proves it is the same process, and set the recorded state
+        from the VMM's own (running/paused/gone). Then remove what belongs to
+        no VM: namespaces, links, nft elements, jails, cgroups, run
+        directories and stray VMM processes carrying this metald's markers.
+        """
         started = time.monotonic()
         report = ReconcileReport()
         with log_context(operation="reconcile"):
-            for intent in self.store.intents():
-                row = self.store.get_vm(intent.vm_id)
-                if row is None:
-                    self.store.end_intent(intent.vm_id)
-                    continue
-                if intent.operation in ("create", "delete"):
-                    # An interrupted create is rolled back; a delete is finished.
-                    await self._teardown(row)
-                    (report.rolled_back if intent.operation == "create" else report.completed).append(
-                        row.vm_id
-                    )
-                else:
-                    self.store.end_intent(intent.vm_id)
-            for row in self.store.all_vms():
-                alloc = self._alloc(row)
-                steps = self._network_steps(alloc)
-                if steps:
-                    try:
-                        await Plan("network", steps).run()
-                    except StepFailed:
-                        log.exception("re-applying network failed", extra={"vm_id": row.vm_id})
-                if row.state in ACTIVE:
-                    adopted = False
-                    if row.handle:
+            intents = {i.vm_id: i for i in self.store.intents()}
+            for vm_id in [v for v in intents if self.store.get_vm(v) is None]:
+                self.store.end_intent(vm_id)
+                del intents[vm_id]
+            gate = asyncio.Semaphore(RECONCILE_CONCURRENCY)
+
+            async def one(row: VmRow) -> None:
+                async with gate, self._lock(row.vm_id):
+                    with log_context(vm_id=row.vm_id):
                         try:
-                            adopted = await self.backend.adopt(self._spec(row), row.handle)
+                            await self._reconcile_vm(row, intents.get(row.vm_id), report)
                         except Exception:
-                            log.exception("adopt failed", extra={"vm_id": row.vm_id})
-                    if adopted:
-                        report.adopted.append(row.vm_id)
-                    else:
-                        status = dict(row.status)
-                        status["last_exit"] = "VMM gone while metald was not running"
-                        self._set_state(row.vm_id, VmState.SHUTDOWN, status=status, handle={})
-                        self.store.add_event(row.vm_id, "reconcile", "shutdown", status["last_exit"])
-                        report.marked_shutdown.append(row.vm_id)
+                            log.exception("reconciling vm failed")
+                            report.failed.append(row.vm_id)
+
+            await asyncio.gather(*(one(row) for row in self.store.all_vms()))
             known = {row.vm_id for row in self.store.all_vms()}
             if self.network is not None:
                 report.leftovers_removed = await self.network.sweep_leftovers(known)
             sweep = getattr(self.backend, "sweep_leftovers", None)
             if sweep is not None:
-                report.leftovers_removed += [f"jail {vm}" for vm in await sweep(known)]
-                for item in report.leftovers_removed:
-                    log.warning("removed leftover %s", item)
+                report.leftovers_removed += [i if " " in i else f"jail {i}" for i in await sweep(known)]
+            report.leftovers_removed += await asyncio.to_thread(self._sweep_run_dirs, known)
+            for item in report.leftovers_removed:
+                log.warning("removed leftover %s", item)
+        for names in (report.adopted, report.marked_shutdown, report.rolled_back, report.completed):
+            names.sort()
         report.seconds = time.monotonic() - started
         log.info(
             "reconciled",
@@ -543,10 +750,147 @@ class VmEngine:
                 "adopted": len(report.adopted),
                 "marked_shutdown": len(report.marked_shutdown),
                 "rolled_back": len(report.rolled_back),
+                "completed": len(report.completed),
+                "leftovers_removed": len(report.leftovers_removed),
                 "seconds": round(report.seconds, 3),
             },
         )
         return report
+
+    async def _reconcile_vm(self, row: VmRow, intent: Intent | None, report: ReconcileReport) -> None:
+        vm_id = row.vm_id
+        operation = intent.operation if intent else None
+        if operation in ("create", "delete"):
+            # An interrupted create is rolled back; an interrupted delete is finished.
+            await self._teardown(row)
+            (report.rolled_back if operation == "create" else report.completed).append(vm_id)
+            return
+        steps = self._reapply_steps(self._alloc(row))
+        if steps:
+            try:
+                await self._plan("reconcile.network", steps).run()
+            except StepFailed:
+                log.exception("re-applying network failed")
+        adopted = False
+        if row.handle and (row.state in ACTIVE or operation in ("boot", "reboot", "shutdown")):
+            try:
+                adopted = await self.backend.adopt(self._spec(row), row.handle)
+            except Exception:
+                log.exception("adopt failed")
+        if adopted:
+            report.adopted.append(vm_id)
+        if operation == "boot":
+            if adopted:
+                status = dict(row.status)
+                status.pop("last_exit", None)
+                status.setdefault("booted_at", time.time())
+                self._set_state(vm_id, VmState.RUNNING, status=status)
+                await self._sync_run_state(vm_id)
+                report.completed.append(vm_id)
+            else:
+                assert intent is not None
+                previous = VmState(int(intent.detail.get("from", VmState.CREATED)))
+                await self._roll_back_boot(row, previous)
+                report.rolled_back.append(vm_id)
+        elif operation == "reboot" and not adopted:
+            await self._finish_reboot(row)
+            report.completed.append(vm_id)
+        elif row.state in ACTIVE or (operation == "shutdown" and adopted):
+            if adopted:
+                await self._sync_run_state(vm_id)
+                if operation is not None:  # shutdown: rolled back; pause-like ops: completed
+                    (report.rolled_back if operation == "shutdown" else report.completed).append(vm_id)
+            else:
+                why = self._why_not_adopted(vm_id)
+                if operation == "shutdown":
+                    reason = "stopped by ShutdownVm (finished while metald restarted)"
+                else:
+                    reason = f"VMM exited while metald was not running ({why})"
+                await self._discard_vmm(vm_id)
+                self._record_stopped(row, reason)
+                self.store.add_event(vm_id, "reconcile", "shutdown", reason)
+                report.marked_shutdown.append(vm_id)
+                if operation is not None:
+                    report.completed.append(vm_id)
+        elif row.handle:
+            # CREATED/SHUTDOWN with a handle left: no VMM may run for it
+            await self._discard_vmm(vm_id)
+            self.store.update_vm(vm_id, handle={})
+        if intent is not None:
+            self.store.end_intent(vm_id)
+
+    def _why_not_adopted(self, vm_id: str) -> str:
+        hook = self._backend_hook("adopt_error")
+        why = hook(vm_id) if hook is not None else None
+        return why or "no VMM to adopt"
+
+    async def _sync_run_state(self, vm_id: str) -> None:
+        """Record RUNNING or PAUSED as the adopted VMM reports it (an interrupted
+        pause/resume is completed or rolled back by this)."""
+        hook = self._backend_hook("vmm_status")
+        if hook is None:
+            return
+        try:
+            status = await hook(vm_id)
+        except Exception as exc:
+            log.warning("cannot read the VMM's run state: %s", exc)
+            return
+        wanted = {"running": VmState.RUNNING, "paused": VmState.PAUSED}.get(status)
+        row = self.store.get_vm(vm_id)
+        if wanted is not None and row is not None and row.state != wanted:
+            log.warning("recorded %s but the VMM is %s: recording %s", _state_name(row.state), status, wanted.name)
+            self._set_state(vm_id, wanted)
+            self.store.add_event(vm_id, "reconcile", wanted.name.lower(), f"VMM is {status}")
+
+    async def _roll_back_boot(self, row: VmRow, previous: VmState) -> None:
+        """Back to the state before an interrupted boot: no VMM, no runtime files;
+        from CREATED also no logs and no jail (a SHUTDOWN VM keeps both)."""
+        vm_id = row.vm_id
+        await self._discard_vmm(vm_id)
+        if previous == VmState.CREATED:
+            run_dir = self.settings.run_dir / vm_id
+            for name in _files(run_dir):
+                with contextlib.suppress(OSError):
+                    (run_dir / name).unlink()
+            hook = self._backend_hook("remove_jail")
+            if hook is not None:
+                await hook(vm_id)
+        self._set_state(vm_id, previous, handle={})
+        self.store.add_event(vm_id, "reconcile", previous.name.lower(), "interrupted boot rolled back")
+
+    async def _finish_reboot(self, row: VmRow) -> None:
+        """A reboot cut off between stopping the old VMM and recording the new one:
+        start a fresh VMM (the reboot completed), or record SHUTDOWN if that fails."""
+        vm_id = row.vm_id
+        await self._discard_vmm(vm_id)
+        try:
+            handle = await self.backend.boot(self._spec(row))
+        except Exception as exc:
+            await self._discard_vmm(vm_id)
+            self._record_stopped(row, f"reboot interrupted by a metald restart; restart failed: {exc}")
+            return
+        status = dict(row.status)
+        status["booted_at"] = time.time()
+        status["reboots"] = int(status.get("reboots", 0)) + 1
+        self._set_state(vm_id, VmState.RUNNING, handle=handle, status=status)
+        self.store.add_event(vm_id, "reconcile", "running", "interrupted reboot completed")
+
+    def _sweep_run_dirs(self, known: set[str]) -> list[str]:
+        """Run directories (and ones moved aside by delete) of VMs not in the store."""
+        removed = []
+        try:
+            entries = list(os.scandir(self.settings.run_dir))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False) or entry.name in RUN_DIR_RESERVED:
+                continue
+            name = entry.name.removeprefix(TRASH_PREFIX)
+            if not _VM_DIR_RE.match(name) or (name in known and name == entry.name):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(f"run dir {entry.path}")
+        return removed
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -591,3 +935,47 @@ def _unwrap(exc: StepFailed) -> MetaldError:
 
 def run_dir_of(settings: Settings, vm_id: str) -> Path:
     return settings.run_dir / vm_id
+
+
+class _NoUndo:
+    """An nft element step re-applied: its undo is skipped (see ``VmEngine._reapply_steps``).
+
+    The network's element step first tries ``create`` (to learn whether it
+    added the elements) and falls back to ``add``; on a re-apply the elements
+    are nearly always there, and batched ``create`` failures are bisected
+    transaction by transaction, which made a 1000-VM start-up take seconds.
+    So when the step exposes its elements and batcher, this goes straight to
+    the idempotent ``add`` (one coalesced transaction for many VMs).
+    """
+
+    def __init__(self, step: Step) -> None:
+        self.name = step.name
+        self._step = step
+
+    async def is_done(self) -> bool:
+        return await self._step.is_done()
+
+    async def do(self) -> None:
+        elements = getattr(self._step, "_elements", None)
+        batcher = getattr(self._step, "_batcher", None)
+        if elements and batcher is not None:
+            from metald.network import rules  # the network adapter's script syntax
+
+            await batcher.apply(rules.add_script(elements))
+            return
+        await self._step.do()
+
+    async def undo(self) -> None:
+        return None
+
+
+def _files(directory: Path) -> set[str]:
+    """Names of the plain files (and sockets) directly in ``directory``."""
+    try:
+        return {e.name for e in os.scandir(directory) if not e.is_dir(follow_symlinks=False)}
+    except FileNotFoundError:
+        return set()
+
+
+def _trash_of(run_root: Path, vm_id: str) -> Path:
+    return run_root / f"{TRASH_PREFIX}{vm_id}"

@@ -4,27 +4,38 @@ One Firecracker process per VM, configured over its API socket
 (logger, metrics, machine-config, boot-source, drives, network-interfaces,
 then InstanceStart). Firecracker cannot reboot in place: a reboot is a stop
 and a fresh process from the same spec.
+
+How Firecracker is started is the launcher's job (``launch.py``): metald's
+integrated jailer by default (``UNKEY_METALD_JAILER_ENABLED``, the production
+path), Firecracker's own jailer (``UNKEY_METALD_FIRECRACKER_USE_OWN_JAILER``),
+or, with the jailer off, directly as root (development only). A jail is built
+fresh at every boot and kept while the VM is SHUTDOWN (Firecracker's log is
+in it) until the next boot or delete; the TAP is owned by the jailed
+uid/gid (``tap_owner``) so Firecracker can open it after dropping root.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metald.backends.firecracker import procfs
 from metald.backends.firecracker.client import FirecrackerClient
 from metald.backends.firecracker.handle import FcHandle, is_vmm_of, mismatch
 from metald.backends.firecracker.launch import (
     DirectLauncher,
+    JailerLauncher,
     Launch,
     Launcher,
     OwnJailerLauncher,
@@ -37,6 +48,9 @@ from metald.core.errors import BackendError, FailedPrecondition
 from metald.core.models import BootSpec, VmMetrics
 from metald.core.ports import ExitCallback
 
+if TYPE_CHECKING:
+    from metald.jailer.jailer import Jailer
+
 log = logging.getLogger(__name__)
 
 LOG_NAME = "firecracker.log"
@@ -44,6 +58,14 @@ METRICS_NAME = "firecracker.metrics"
 STDERR_NAME = "firecracker.stderr"
 IFACE_ID = "eth0"
 VERSION_RE = re.compile(r"v?(\d+\.\d+\.\d+\S*)")
+KVM_GET_API_VERSION = 0xAE00  # _IO(KVMIO, 0x00)
+PT_INTERP = 3
+KVM_API_VERSION = 12
+PID_FILE_WAIT_S = 5.0
+INSTALL_HINT = (
+    "install the static release binary (firecracker-v1.16.1-x86_64 from the "
+    "firecracker-microvm/firecracker GitHub releases, e.g. as /usr/local/bin/firecracker)"
+)
 
 
 @dataclass
@@ -58,9 +80,31 @@ class _Vm:
     exit_reason: str | None = None
     version: str | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    vmm_fd: int | None = None  # pidfd of the VMM when ``watch`` follows the jailer's launcher
+
+    def watch_vmm(self, vmm_pid: int) -> None:
+        """Keep a pidfd of the VMM inside the launcher's PID namespace (checked to be its child)."""
+        if procfs.read_ppid(vmm_pid) != self.handle.pid:
+            return
+        with contextlib.suppress(OSError):
+            self.vmm_fd = os.pidfd_open(vmm_pid)
+
+    def kill(self) -> None:
+        """SIGKILL the VMM; with a launcher, the VMM first, so the launcher reaps it and exits."""
+        if self.vmm_fd is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.vmm_fd, signal.SIGKILL)
+                return
+        self.watch.kill(signal.SIGKILL)
+
+    def close_fds(self) -> None:
+        if self.vmm_fd is not None:
+            os.close(self.vmm_fd)
+            self.vmm_fd = None
 
 
-def default_launcher(settings: Settings) -> Launcher:
+def default_launcher(settings: Settings, jailer: Jailer | None) -> Launcher:
+    """Firecracker's own jailer if asked for, else metald's jailer, else none (development)."""
     if settings.firecracker_use_own_jailer:
         return OwnJailerLauncher(
             settings.firecracker_jailer_binary,
@@ -69,6 +113,12 @@ def default_launcher(settings: Settings) -> Launcher:
             settings.jailer_gid,
             settings.jailer_chroot_dir,
         )
+    if jailer is not None:
+        return JailerLauncher(jailer, settings.firecracker_binary)
+    log.warning(
+        "Firecracker VMMs run UNJAILED and as root (UNKEY_METALD_JAILER_ENABLED=false): "
+        "development only, never on a host with tenants"
+    )
     return DirectLauncher(settings.firecracker_binary)
 
 
@@ -82,9 +132,10 @@ class FirecrackerBackend:
         kvm_path: Path = Path("/dev/kvm"),
         start_timeout_s: float = 10.0,
         reboot_grace_s: float = 10.0,
+        jailer: Jailer | None = None,
     ) -> None:
         self.settings = settings
-        self.launcher = launcher or default_launcher(settings)
+        self.launcher = launcher or default_launcher(settings, jailer)
         self.kvm_path = kvm_path
         self.start_timeout_s = start_timeout_s
         self.reboot_grace_s = reboot_grace_s
@@ -94,16 +145,41 @@ class FirecrackerBackend:
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self._on_exit_cb = callback
 
+    @property
+    def tap_owner(self) -> tuple[int, int] | None:
+        """uid/gid the VM's TAP must belong to: the jailed VMM opens it without root."""
+        if isinstance(self.launcher, JailerLauncher | OwnJailerLauncher):
+            return self.settings.jailer_uid, self.settings.jailer_gid
+        return None
+
+    async def sweep_leftovers(self, known_vm_ids: set[str]) -> list[str]:
+        """Jails (and cgroups) of VMs metald does not know, e.g. after a crash."""
+        return await self.launcher.sweep_leftovers(known_vm_ids)
+
+    def jail_exists(self, vm_id: str) -> bool:
+        """Does the VM have a jail (it keeps one while SHUTDOWN, with Firecracker's log)?"""
+        return self.launcher.has_jail(vm_id)
+
+    async def remove_jail(self, vm_id: str) -> None:
+        """Remove the VM's jail (and cgroup, killing what is left in it)."""
+        await self.launcher.teardown(vm_id)
+
     # --- host check -----------------------------------------------------------------
     async def ping(self) -> tuple[bool, str]:
         binary = _executable(self.settings.firecracker_binary)
         if binary is None:
             return False, (
                 f"Firecracker binary {self.settings.firecracker_binary!r} is missing or not "
-                "executable: install the release binary (firecracker-v1.16.1-x86_64 from the "
-                "firecracker-microvm/firecracker GitHub releases) there, or set "
-                "UNKEY_METALD_FIRECRACKER_BINARY"
+                f"executable: {INSTALL_HINT}, or point UNKEY_METALD_FIRECRACKER_BINARY at it "
+                "(or use UNKEY_METALD_BACKEND=qemu)"
             )
+        if isinstance(self.launcher, JailerLauncher | OwnJailerLauncher):
+            why = not_static(binary)
+            if why is not None:
+                return False, (
+                    f"{binary} {why}: the jailer runs Firecracker inside a chroot that holds no "
+                    f"libraries or interpreters, so it needs a static executable: {INSTALL_HINT}"
+                )
         if isinstance(self.launcher, OwnJailerLauncher):
             if _executable(self.settings.firecracker_jailer_binary) is None:
                 return False, (
@@ -112,21 +188,22 @@ class FirecrackerBackend:
                     "UNKEY_METALD_FIRECRACKER_JAILER_BINARY, or unset "
                     "UNKEY_METALD_FIRECRACKER_USE_OWN_JAILER"
                 )
-        try:
-            os.close(os.open(self.kvm_path, os.O_RDWR | os.O_CLOEXEC))
-        except OSError as exc:
+        kvm_problem = kvm_unusable(self.kvm_path)
+        if kvm_problem is not None:
             return False, (
-                f"{self.kvm_path} cannot be opened read-write ({exc.strerror}): enable "
-                "virtualization, load the KVM module (modprobe kvm_intel or kvm_amd) and run "
-                "metald as root or in group kvm"
+                f"{kvm_problem}: Firecracker needs KVM: enable virtualization (in the firmware, "
+                "or nested virtualization for a VM host), load the KVM module (modprobe kvm_intel "
+                "or kvm_amd) and run metald as root; or use UNKEY_METALD_BACKEND=qemu"
             )
         version = await binary_version(binary)
         if version is None:
             return False, f"{binary} --version did not print a Firecracker version"
-        return True, f"firecracker {version} at {binary}; {self.kvm_path} opens read-write"
+        return True, f"firecracker {version} at {binary} ({self.launcher.name}); {self.kvm_path} usable"
 
     async def validate(self, spec: BootSpec) -> None:
         check_spec(spec)
+        if isinstance(self.launcher, JailerLauncher):
+            self.launcher.validate(spec)
 
     # --- start ------------------------------------------------------------------------
     async def boot(self, spec: BootSpec) -> dict[str, Any]:
@@ -138,9 +215,23 @@ class FirecrackerBackend:
             await self._forget(spec.vm_id)
         spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         launch = self.launcher.prepare(spec)
+        await self.launcher.setup(spec)  # the jail; nothing is left of it if this fails
+        try:
+            handle = await self._start(spec, launch)
+        except BaseException:
+            await self.launcher.teardown(spec.vm_id)
+            raise
+        log.info(
+            "firecracker for %s started (pid %d, %s)", spec.vm_id, handle.vmm_pid or handle.pid, self.launcher.name
+        )
+        return handle.to_dict()
+
+    async def _start(self, spec: BootSpec, launch: Launch) -> FcHandle:
         launch.files_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        with contextlib.suppress(FileNotFoundError):
-            launch.socket_path.unlink()  # Firecracker refuses to start on an existing socket
+        for stale in (launch.socket_path, launch.pid_file):
+            if stale is not None:  # Firecracker refuses to start on an existing socket
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
         log_path = launch.files_dir / LOG_NAME
         metrics_path = launch.files_dir / METRICS_NAME
         for path in (log_path, metrics_path):  # Firecracker opens them, never creates them
@@ -166,14 +257,19 @@ class FirecrackerBackend:
         vm = self._track(handle, popen, stderr_path)
         try:
             await self._wait_for_api(vm)
+            if launch.pid_file is not None:
+                vmm_pid = await self._read_pid_file(vm, launch.pid_file)
+                vm.handle = handle = replace(handle, vmm_pid=vmm_pid)
+                vm.watch_vmm(vmm_pid)
+                vm.cpu = CpuSampler(vmm_pid)
             await self._configure(vm.client, spec, launch, log_path, metrics_path)
             await vm.client.instance_start()
         except BaseException:
             await self._stop(vm, force=True, timeout_s=0)
+            await self._forget(spec.vm_id)
             raise
         vm.expected_exit = False
-        log.info("firecracker for %s started (pid %d)", spec.vm_id, popen.pid)
-        return handle.to_dict()
+        return handle
 
     def _track(self, handle: FcHandle, popen: subprocess.Popen[bytes] | None, stderr_path: Path | None) -> _Vm:
         vm_id = handle.vm_id
@@ -183,7 +279,7 @@ class FirecrackerBackend:
             watch=watch,
             client=FirecrackerClient(Path(handle.socket_path)),
             metrics=MetricsFile(Path(handle.metrics_path)),
-            cpu=CpuSampler(handle.pid),
+            cpu=CpuSampler(handle.vmm_pid or handle.pid),
             stderr_path=stderr_path,
         )
         self._vms[vm_id] = vm
@@ -210,6 +306,17 @@ class FirecrackerBackend:
             f"({last_error}): {_tail(vm.stderr_path)}"
         )
 
+    async def _read_pid_file(self, vm: _Vm, pid_file: Path) -> int:
+        """The VMM's host pid, written by the jailer's launcher right after it forks."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PID_FILE_WAIT_S
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                return int(pid_file.read_text().strip())
+            if not vm.watch.alive or loop.time() >= deadline:
+                raise BackendError(f"the jailer did not write {pid_file}: {_tail(vm.stderr_path)}")
+            await asyncio.sleep(0.02)
+
     async def _configure(
         self,
         client: FirecrackerClient,
@@ -235,6 +342,8 @@ class FirecrackerBackend:
         vm = self._vms.get(vm_id)
         if vm is None:
             return
+        if vm.handle.vmm_pid and returncode is not None and 128 < returncode < 192:
+            returncode = 128 - returncode  # the launcher exits 128+N for a VMM killed by signal N
         vm.exit_reason = describe_status(returncode)
         task = asyncio.get_running_loop().create_task(vm.client.close())
         vm.tasks.add(task)
@@ -258,6 +367,8 @@ class FirecrackerBackend:
             log.info("not adopting firecracker for %s: %s", spec.vm_id, why)
             return False
         vm = self._track(parsed, None, None)
+        if parsed.vmm_pid:
+            vm.watch_vmm(parsed.vmm_pid)
         try:
             await vm.client.describe_instance()
         except BackendError as exc:
@@ -289,7 +400,7 @@ class FirecrackerBackend:
         vm = self._vms.get(vm_id)
         if vm is None or not vm.watch.alive:
             return "not running"
-        return await self._stop(vm, force, timeout_s)
+        return await self._stop(vm, force, timeout_s)  # the jail stays (logs) until boot or delete
 
     async def _stop(self, vm: _Vm, force: bool, timeout_s: float) -> str:
         vm.expected_exit = True
@@ -307,9 +418,11 @@ class FirecrackerBackend:
                 if await vm.watch.wait(timeout_s):
                     return _poweroff_reason(vm.watch.returncode, vm.exit_reason)
                 how = f"killed after {timeout_s:g}s (the guest did not power off)"
-        vm.watch.kill(signal.SIGKILL)
-        if not await vm.watch.wait(10):
-            raise BackendError(f"firecracker pid {vm.watch.pid} survived SIGKILL")
+        vm.kill()
+        if not await vm.watch.wait(5):
+            vm.watch.kill(signal.SIGKILL)
+            if not await vm.watch.wait(5):
+                raise BackendError(f"firecracker pid {vm.watch.pid} survived SIGKILL")
         with contextlib.suppress(OSError):
             Path(vm.handle.socket_path).unlink()
         return how
@@ -336,7 +449,7 @@ class FirecrackerBackend:
             for name in (LOG_NAME, METRICS_NAME, STDERR_NAME, "firecracker.sock"):
                 with contextlib.suppress(OSError):
                     (directory / name).unlink()
-        self.launcher.discard(vm_id)
+        await self.launcher.teardown(vm_id)
 
     def _kill_strays(self, vm_id: str, api_sock_arg: str) -> None:
         """SIGKILL a Firecracker of this VM that metald does not track (e.g. after a crash)."""
@@ -357,6 +470,7 @@ class FirecrackerBackend:
         if vm is None:
             return
         vm.watch.close()
+        vm.close_fds()
         await vm.client.close()
         if vm.tasks:
             await asyncio.gather(*vm.tasks, return_exceptions=True)
@@ -374,8 +488,10 @@ class FirecrackerBackend:
             socket=h.socket_path,
             metrics_file=h.metrics_path,
             log_file=str(Path(h.files_dir) / LOG_NAME),
-            launcher="firecracker-jailer" if h.chroot else "direct",
+            launcher=self.launcher.name,
         )
+        if h.vmm_pid:
+            out["vmm_pid"] = str(h.vmm_pid)
         if h.chroot:
             out["chroot"] = h.chroot
         if not vm.watch.alive:
@@ -421,11 +537,12 @@ class FirecrackerBackend:
             block_write_ops=totals.block_write_ops,
             notes=notes,
         )
-        stat = procfs.read_stat(vm.handle.pid)
+        pid = vm.handle.vmm_pid or vm.handle.pid
+        stat = procfs.read_stat(pid)
         if stat is not None:
             result.cpu_usage_percent = vm.cpu.sample(stat)
             result.uptime_seconds = int(procfs.process_age_seconds(stat.start_time))
-        result.memory_usage_bytes = procfs.read_rss_bytes(vm.handle.pid) or 0
+        result.memory_usage_bytes = procfs.read_rss_bytes(pid) or 0
         return result
 
     async def close(self) -> None:
@@ -439,6 +556,46 @@ def _poweroff_reason(returncode: int | None, reason: str | None) -> str:
     if returncode is None:
         return "exited after Ctrl+Alt+Del"
     return f"exited after Ctrl+Alt+Del ({reason})"
+
+
+def kvm_unusable(path: Path) -> str | None:
+    """Why ``path`` is no usable KVM device (opens read-write, answers its API version); None if it is."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"{path} cannot be opened read-write ({exc.strerror})"
+    try:
+        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+    except OSError as exc:
+        return f"{path} is no KVM device (KVM_GET_API_VERSION: {exc.strerror})"
+    finally:
+        os.close(fd)
+    if version != KVM_API_VERSION:
+        return f"{path} speaks KVM API {version}, not {KVM_API_VERSION}"
+    return None
+
+
+def not_static(path: Path) -> str | None:
+    """Why ``path`` is not a statically linked ELF executable; None if it is one."""
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(64)
+            if len(header) < 64 or header[:4] != b"\x7fELF":
+                return "is not an ELF executable (a script?)"
+            if header[4] != 2 or header[5] != 1:
+                return "is not a 64-bit little-endian ELF executable"
+            (phoff,) = struct.unpack_from("<Q", header, 32)
+            phentsize, phnum = struct.unpack_from("<HH", header, 54)
+            fh.seek(phoff)
+            table = fh.read(phentsize * phnum)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if len(table) < phentsize * phnum or phentsize < 4:
+        return "is a truncated ELF file"
+    for i in range(phnum):
+        if struct.unpack_from("<I", table, i * phentsize)[0] == PT_INTERP:
+            return "is dynamically linked"
+    return None
 
 
 def _executable(name: str) -> Path | None:

@@ -7,6 +7,8 @@ become :class:`metald.core.errors.BackendError` carrying that message.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,11 @@ class FirecrackerApiError(BackendError):
         self.fault_message = fault_message
 
 
+# sun_path holds 107 bytes and a NUL; a jail's socket can be longer
+# (<chroot_dir>/firecracker/<64-char vm id>/root/run/firecracker.socket).
+MAX_SUN_PATH = 107
+
+
 class FirecrackerClient:
     def __init__(
         self,
@@ -36,14 +43,29 @@ class FirecrackerClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.socket_path = socket_path
+        self._dir_fd: int | None = None
         self._http = httpx.AsyncClient(
-            transport=transport or httpx.AsyncHTTPTransport(uds=str(socket_path)),
+            transport=transport or httpx.AsyncHTTPTransport(uds=self._connect_path(socket_path)),
             base_url="http://localhost",
             timeout=timeout,
         )
 
+    def _connect_path(self, socket_path: Path) -> str:
+        """The path to connect to: ``/proc/self/fd/<dir fd>/<name>`` when the real one is too long."""
+        if len(os.fsencode(socket_path)) <= MAX_SUN_PATH:
+            return str(socket_path)
+        try:
+            self._dir_fd = os.open(socket_path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return str(socket_path)  # connecting fails with a clear error
+        return f"/proc/self/fd/{self._dir_fd}/{socket_path.name}"
+
     async def close(self) -> None:
         await self._http.aclose()
+        if self._dir_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._dir_fd)
+            self._dir_fd = None
 
     async def __aenter__(self) -> FirecrackerClient:
         return self

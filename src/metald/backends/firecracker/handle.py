@@ -21,6 +21,9 @@ class FcHandle:
     files_dir: str  # log and metrics files
     metrics_path: str
     chroot: str | None = None
+    # The VMM's host pid when ``pid`` is the jailer's launcher (PID namespace);
+    # None when ``pid`` is Firecracker itself.
+    vmm_pid: int | None = None
     backend: str = "firecracker"
     version: int = HANDLE_VERSION
 
@@ -36,6 +39,7 @@ class FcHandle:
             if int(data.get("version", 0)) != HANDLE_VERSION:
                 return None
             chroot = data.get("chroot")
+            vmm_pid = data.get("vmm_pid")
             return cls(
                 vm_id=str(data["vm_id"]),
                 pid=int(data["pid"]),
@@ -45,6 +49,7 @@ class FcHandle:
                 files_dir=str(data["files_dir"]),
                 metrics_path=str(data["metrics_path"]),
                 chroot=str(chroot) if chroot else None,
+                vmm_pid=int(vmm_pid) if vmm_pid else None,
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -78,5 +83,9 @@ def mismatch(handle: FcHandle, proc: Path = procfs.PROC) -> str | None:
 
 
 def is_vmm_of(argv: list[str], vm_id: str, api_sock_arg: str) -> bool:
-    """Does this command line start (or run) the Firecracker of ``vm_id`` on that socket?"""
+    """Does this command line start (or run) the Firecracker of ``vm_id`` on that socket?
+
+    True for Firecracker itself and for a launcher (metald's or Firecracker's
+    jailer) whose command line carries Firecracker's arguments.
+    """
     return _has_pair(argv, "--api-sock", api_sock_arg) and _has_pair(argv, "--id", vm_id)

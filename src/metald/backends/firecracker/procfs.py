@@ -31,6 +31,14 @@ def read_stat(pid: int, proc: Path = PROC) -> ProcStat | None:
         return None
 
 
+def read_ppid(pid: int, proc: Path = PROC) -> int | None:
+    try:
+        text = (proc / str(pid) / "stat").read_text()
+        return int(text[text.rindex(")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def read_cmdline(pid: int, proc: Path = PROC) -> list[str] | None:
     try:
         raw = (proc / str(pid) / "cmdline").read_bytes()

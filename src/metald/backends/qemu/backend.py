@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,9 @@ from metald.core.errors import BackendError
 from metald.core.models import BootSpec, VmMetrics
 from metald.core.plan import Plan
 from metald.core.ports import ExitCallback
+from metald.jailer import cgroup as cgroups
 from metald.jailer.jailer import Jailer
+from metald.jailer.layout import VM_ID_RE
 from metald.jailer.qemu import qemu_confinement_args, qemu_launch_argv
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,7 @@ class QemuBackend:
         self._version: str | None = None
         self._console_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._adopt_errors: dict[str, str] = {}  # vm_id -> why the last adopt() said no
         self.accel = AccelChooser(
             settings.qemu_accel,
             settings.run_dir / "qemu-accel.json",
@@ -187,37 +191,153 @@ class QemuBackend:
         """Prepare a fresh jail (chroot, cgroup) and return (qemu argv, launcher command)."""
         assert self.jailer is not None
         jail = self.jailer.jail_for(self.name, spec.vm_id)
-        await self.jailer.cleanup(jail)  # a jail left by an earlier run of this VM
-        sized = spec
-        if accel == "tcg":
-            from dataclasses import replace
-
-            sized = replace(spec, memory_bytes=spec.memory_bytes + TCG_MEMORY_OVERHEAD)
-        try:
-            await Plan("jail", self.jailer.prepare_steps(jail, sized)).run()
-        except Exception as exc:
-            raise BackendError(f"cannot prepare the jail of {spec.vm_id}: {exc}") from exc
+        # A VM keeps its (empty) jail while SHUTDOWN and across reboots: reuse it
+        # as it is, so a failed boot leaves it exactly as it was. Anything else
+        # (half made, or with processes left in its cgroup) is made afresh.
+        if not await asyncio.to_thread(_jail_ready, jail.root, jail.cgroup.dirs):
+            await self.jailer.cleanup(jail)
+            await self._prepare_jail(spec, accel)
         argv = [*argv, *qemu_confinement_args(jail)]
         netns = spec.network.namespace if spec.network is not None else None
         return argv, qemu_launch_argv(self.jailer, jail, argv, netns)
+
+    async def _prepare_jail(self, spec: BootSpec, accel: str) -> None:
+        """Build the VM's jail (plan ``jail``: chroot, assets, devices, cgroup)."""
+        assert self.jailer is not None
+        jail = self.jailer.jail_for(self.name, spec.vm_id)
+        try:
+            await Plan("jail", self.jailer.prepare_steps(jail, self._sized(spec, accel))).run()
+        except Exception as exc:
+            raise BackendError(f"cannot prepare the jail of {spec.vm_id}: {exc}") from exc
+
+    @staticmethod
+    def _sized(spec: BootSpec, accel: str) -> BootSpec:
+        """The spec the jail's limits are computed from (TCG needs memory of its own)."""
+        if accel != "tcg":
+            return spec
+        from dataclasses import replace
+
+        return replace(spec, memory_bytes=spec.memory_bytes + TCG_MEMORY_OVERHEAD)
 
     async def _remove_jail(self, vm_id: str) -> None:
         if self.jailer is not None:
             await self.jailer.cleanup(self.jailer.jail_for(self.name, vm_id))
 
-    async def sweep_leftovers(self, known_vm_ids: set[str]) -> list[str]:
-        """Jails and cgroups of VMs metald does not know."""
+    # --- recovery: jails, strays, adoption -------------------------------------
+
+    def jail_exists(self, vm_id: str) -> bool:
+        """Does the VM have a jail directory (it keeps one while SHUTDOWN)?"""
         if self.jailer is None:
-            return []
-        return await self.jailer.sweep_leftovers(known_vm_ids)
+            return False
+        return self.jailer.jail_for(self.name, vm_id).dir.exists()
+
+    async def remove_jail(self, vm_id: str) -> None:
+        """Remove the VM's jail (cgroup, then chroot); kills what is left in the cgroup."""
+        await self._remove_jail(vm_id)
+
+    async def restore_jail(self, spec: BootSpec) -> None:
+        """Build the VM's jail again (undo of :meth:`remove_jail` for a VM that had one)."""
+        if self.jailer is not None:
+            await self._prepare_jail(spec, await self.accel.choose(spec))
+
+    async def discard(self, vm_id: str) -> list[int]:
+        """Kill every VMM process of this VM (tracked or not) and remove its socket and
+        pid file; logs and the jail stay. Returns the pids killed."""
+        vm = self._vms.get(vm_id)
+        if vm is not None:
+            vm.stopping = True
+            if vm.alive:
+                with contextlib.suppress(BackendError):
+                    await self._kill(vm)
+                await self._wait_finished(vm)
+            vm.watch.close()
+            await vm.qmp.close()
+            if self._vms.get(vm_id) is vm:
+                del self._vms[vm_id]
+        killed = await asyncio.to_thread(_kill_processes, self._markers(only=vm_id, keep={}))
+        run_dir = self.settings.run_dir / vm_id
+        for path in (qmp_socket_path(run_dir), pid_file_path(run_dir)):
+            path.unlink(missing_ok=True)
+        return killed
+
+    def adopt_error(self, vm_id: str) -> str | None:
+        """Why the last :meth:`adopt` of this VM failed (None if it did not)."""
+        return self._adopt_errors.get(vm_id)
+
+    async def vmm_status(self, vm_id: str) -> str:
+        """QEMU's run state over QMP (``running``, ``paused``, ...)."""
+        return await self._running(vm_id).qmp.status()
+
+    def _markers(self, only: str | None, keep: dict[str, int]) -> list[tuple[int, str]]:
+        """(pid, vm_id) of processes carrying this metald's VMM markers (a QMP socket
+        under its run dir), except ``keep`` (vm_id -> pid of the VMM to leave)."""
+        found = []
+        for pid, vm_id in _vmm_processes(self.settings.run_dir):
+            if (only is None or vm_id == only) and keep.get(vm_id) != pid:
+                found.append((pid, vm_id))
+        return found
+
+    async def sweep_leftovers(self, known_vm_ids: set[str]) -> list[str]:
+        """Stray VMM processes, and jails and cgroups of VMs metald does not know.
+
+        A process is stray when it carries the marker of a VMM of this metald
+        (``-qmp unix:<run_dir>/<vm_id>/qmp.sock``, in QEMU or its launcher)
+        but is not the VMM metald tracks for that VM. Only jails under this
+        metald's chroot directory are looked at (a cgroup of ours always has
+        its jail directory: it is made after it and removed before it), so
+        two metalds with different directories never remove each other's.
+        """
+        keep = {vm_id: vm.handle.pid for vm_id, vm in self._vms.items() if vm.alive}
+        strays = await asyncio.to_thread(_kill_processes, self._markers(None, keep))
+        removed = [f"process {pid}" for pid in strays]
+        if self.jailer is None:
+            return removed
+        base = self.settings.jailer_chroot_dir / self.name
+        try:
+            names = sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            names = []
+        for vm_id in names:
+            if vm_id in known_vm_ids or not VM_ID_RE.match(vm_id):
+                continue
+            try:
+                await self._remove_jail(vm_id)
+            except OSError:
+                log.exception("could not remove leftover jail", extra={"vm_id": vm_id})
+                continue
+            removed.append(f"jail {vm_id}")
+        return removed
+
+    async def _reapply_cgroup(self, spec: BootSpec, vmm: handle.VmmHandle) -> None:
+        """Put an adopted VMM back into its jail's cgroup if it is not there
+        (e.g. the cgroup was removed by hand): the limits hold again."""
+        if self.jailer is None:
+            return
+        jail = self.jailer.jail_for(self.name, spec.vm_id)
+        dirs = jail.cgroup.dirs
+        if all(vmm.pid in cgroups.procs(d) for d in dirs):
+            return
+        limits = self.jailer.limits_for(self._sized(spec, vmm.accel))
+        await asyncio.to_thread(cgroups.create, jail.cgroup, limits)
+        for directory in dirs:
+            with contextlib.suppress(OSError), open(directory / "cgroup.procs", "w") as f:
+                f.write(str(vmm.pid))
+        log.warning("qemu %s: adopted pid %d put back into its cgroup", spec.vm_id, vmm.pid)
 
     async def adopt(self, spec: BootSpec, handle_data: dict[str, Any]) -> bool:
+        """Re-attach to the VMM the handle describes, only if it provably is that
+        process: same pid, same start time, a command line with the handle's QMP
+        socket and hash (``handle.mismatch``), and a QMP socket that answers.
+        Then watch it (pidfd) and put it back into its cgroup if needed."""
+        self._adopt_errors.pop(spec.vm_id, None)
         vmm = handle.VmmHandle.from_dict(handle_data)
         if vmm is None:
+            self._adopt_errors[spec.vm_id] = "no usable VMM handle"
             log.warning("qemu %s: unusable handle %r", spec.vm_id, handle_data)
             return False
         why = handle.mismatch(vmm)
         if why is not None:
+            self._adopt_errors[spec.vm_id] = why
             log.info("qemu %s: not adopting: %s", spec.vm_id, why)
             return False
         old = self._vms.get(spec.vm_id)
@@ -227,10 +347,17 @@ class QemuBackend:
         try:
             await vm.qmp.connect(QMP_CONNECT_TIMEOUT_S, lambda: vm.alive)
         except BackendError as exc:
+            self._adopt_errors[spec.vm_id] = f"QMP of pid {vmm.pid} did not answer: {exc}"
             log.warning("qemu %s: adopted pid %d but QMP failed: %s", spec.vm_id, vmm.pid, exc)
+            vm.stopping = True
             vm.watch.close()
+            await vm.qmp.close()
             self._vms.pop(spec.vm_id, None)
             return False
+        try:
+            await self._reapply_cgroup(spec, vmm)
+        except OSError as exc:
+            log.warning("qemu %s: cannot put pid %d back into its cgroup: %s", spec.vm_id, vmm.pid, exc)
         log.info("qemu %s: adopted pid %d", spec.vm_id, vmm.pid)
         return True
 
@@ -372,6 +499,11 @@ class QemuBackend:
         await vm.qmp.drained(EXIT_DRAIN_S)  # let the SHUTDOWN event arrive
         vm.exit_reason = exit_reason(vm.failure, vm.qmp.shutdown_reason, returncode)
         await vm.qmp.close()
+        if self._vms.get(vm.vm_id) is vm:
+            # QEMU cannot remove these itself (they are outside its chroot); a
+            # stopped VM keeps only its logs (and its jail, network and IP).
+            for stale in (Path(vm.handle.qmp_socket), pid_file_path(vm.run_dir)):
+                stale.unlink(missing_ok=True)
         vm.finished.set()
         log.info("qemu %s: pid %d ended: %s", vm.vm_id, vm.handle.pid, vm.exit_reason)
         if not vm.stopping and self._exit_callback is not None and self._vms.get(vm.vm_id) is vm:
@@ -503,3 +635,53 @@ def _remove_files(run_dir: Path, files: list[Path]) -> None:
             path.unlink()
     with contextlib.suppress(OSError):
         run_dir.rmdir()  # only if empty; never its parent
+
+
+def _jail_ready(root: Path, cgroup_dirs: tuple[Path, ...]) -> bool:
+    """A complete QEMU jail (its tree and cgroups) with no process in it."""
+    tree = (root / "dev" / "net", root / "run")
+    if not all(path.is_dir() for path in tree):
+        return False
+    return all(d.is_dir() for d in cgroup_dirs) and not any(cgroups.procs(d) for d in cgroup_dirs)
+
+
+def _vmm_processes(run_root: Path) -> list[tuple[int, str]]:
+    """(pid, vm_id) of every process whose command line has ``unix:<run_root>/<vm_id>/qmp.sock``."""
+    marker = re.compile(r"unix:" + re.escape(str(run_root)) + r"/([^/]+)/qmp\.sock")
+    found = []
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        cmdline = procfs.read_cmdline(int(entry.name))
+        if not cmdline:
+            continue
+        for arg in cmdline:
+            match = marker.search(arg)
+            if match and VM_ID_RE.match(match.group(1)):
+                found.append((int(entry.name), match.group(1)))
+                break
+    return found
+
+
+def _kill_processes(targets: list[tuple[int, str]], timeout: float = KILL_WAIT_S) -> list[int]:
+    """SIGKILL each (pid, vm_id) (its process group too if it leads one); wait until gone."""
+    killed = []
+    for pid, vm_id in targets:
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        log.warning("killed stray VMM process %d of %s", pid, vm_id)
+        killed.append(pid)
+    deadline = time.monotonic() + timeout
+    for pid in killed:
+        while time.monotonic() < deadline:
+            stat = procfs.read_stat(pid)
+            if stat is None or stat.state in ("Z", "X"):
+                break
+            time.sleep(0.01)
+    return killed
