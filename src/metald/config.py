@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     jailer_cpu_quota: int = Field(
         100, ge=0, description="Extra CPU percent a VMM may use beyond its vCPUs"
     )
+    jailer_cgroup_parent: str = Field(
+        "metald",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="cgroup directory (under each controller) holding the VMs' cgroups; leftovers are swept "
+        "only there",
+    )
     jailer_fd_limit: int = Field(1024, ge=64, le=1 << 20, description="RLIMIT_NOFILE of VMMs")
 
     # --- Observability -------------------------------------------------------

@@ -86,12 +86,20 @@ def _tree(root: Path | None, skip_top_dirs: bool = False) -> set[str]:
     return out
 
 
-def _cgroups(prefix: str = "") -> set[str]:
+def _cgroups(prefix: str = "", parent: str = "metald") -> set[str]:
     out = set()
-    for root in CGROUP_ROOTS:
+    roots = [r.parent / parent for r in CGROUP_ROOTS]
+    for root in roots:
         if root.is_dir():
             out |= {str(p) for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix)}
     return out
+
+
+def _daemon_cgroup_parent(run_dir: Path | None) -> str:
+    marker = run_dir.parent / "cgroup-parent" if run_dir is not None else None
+    if marker is not None and marker.is_file():
+        return marker.read_text().strip()
+    return "metald"
 
 
 def _vmm_processes(marker: str) -> set[str]:
@@ -123,9 +131,13 @@ class Snapshot:
 
 
 def snapshot(db: Path | None = None, run_dir: Path | None = None, jail_dir: Path | None = None,
-             vmm_marker: str = "", cgroup_prefix: str = "") -> Snapshot:
+             vmm_marker: str = "", cgroup_prefix: str = "", cgroup_parent: str | None = None) -> Snapshot:
     """``cgroup_prefix`` keeps only VM cgroups whose name starts with it: cgroups are
-    host-wide (not in the test's namespaces), so concurrent test runs see each other's."""
+    host-wide (not in the test's namespaces), so concurrent test runs see each other's.
+    ``cgroup_parent`` is the daemon's UNKEY_METALD_JAILER_CGROUP_PARENT; by default it is
+    derived from ``run_dir`` when that belongs to a tests.support.daemon.DaemonProcess."""
+    if cgroup_parent is None:
+        cgroup_parent = _daemon_cgroup_parent(run_dir)
     return Snapshot(
         {
             "netns": _netns(),
@@ -134,7 +146,7 @@ def snapshot(db: Path | None = None, run_dir: Path | None = None, jail_dir: Path
             "store": _store(db),
             "run_files": _tree(run_dir),
             "jail_files": _tree(jail_dir, skip_top_dirs=True),
-            "cgroups": _cgroups(cgroup_prefix),
+            "cgroups": _cgroups(cgroup_prefix, cgroup_parent),
             "processes": _vmm_processes(vmm_marker),
         }
     )

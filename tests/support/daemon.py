@@ -43,6 +43,8 @@ class DaemonProcess:
             UNKEY_METALD_DATA_DIR=str(self.data_dir),
             UNKEY_METALD_RUN_DIR=str(self.run_dir),
             UNKEY_METALD_JAILER_CHROOT_DIR=str(self.jail_dir),
+            # each test daemon sweeps only its own cgroups (the tree is host-wide)
+            UNKEY_METALD_JAILER_CGROUP_PARENT=f"metald-test-{self.port}",
             UNKEY_METALD_BACKEND="qemu",
             UNKEY_METALD_OTEL_ENABLED="false",
             METALD_SERVER=self.url,
@@ -51,6 +53,8 @@ class DaemonProcess:
             env["UNKEY_METALD_IMAGE_DIR"] = str(image_dir)
         env.update(extra_env)
         self.env = env
+        self.cgroup_parent = env["UNKEY_METALD_JAILER_CGROUP_PARENT"]
+        (tmp / "cgroup-parent").write_text(self.cgroup_parent)  # read by tests.support.audit
         self.proc: subprocess.Popen[bytes] | None = None
         self.http = httpx.Client(timeout=180)
 

@@ -24,6 +24,7 @@ without dropping privileges, and confines itself with ``-chroot``/``-runas``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -59,7 +60,8 @@ class Jailer:
     def cgroup_fs(self) -> cgroup.CgroupFs:
         """The cgroup hierarchy in use (detected on first use)."""
         if self._fs is None:
-            self._fs = cgroup.detect()
+            detected = cgroup.detect()
+            self._fs = dataclasses.replace(detected, parent=self.settings.jailer_cgroup_parent)
         return self._fs
 
     def check_settings(self) -> None:
