@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from metald.backends.firecracker import procfs
+from metald.backends import procfs
 from metald.backends.firecracker.backend import FirecrackerBackend, kvm_unusable
 from metald.backends.firecracker.client import FirecrackerClient
 from metald.backends.firecracker.handle import is_vmm_of

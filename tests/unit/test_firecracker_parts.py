@@ -10,8 +10,8 @@ from pathlib import Path
 from metald.backends.firecracker.handle import FcHandle, is_vmm_of, mismatch
 from metald.backends.firecracker.launch import DirectLauncher, OwnJailerLauncher
 from metald.backends.firecracker.metrics import MetricsFile
-from metald.backends.firecracker.procfs import read_stat
 from metald.backends.firecracker.validation import boot_args
+from metald.backends.procfs import read_stat
 from metald.core.models import BootSpec, NetworkAllocation
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from metald.backends.qemu import QemuBackend, procfs
+from metald.backends import procfs
+from metald.backends.qemu import QemuBackend
 from metald.config import Settings
 from metald.core.errors import BackendError
 from metald.core.models import BootSpec

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from metald.backends.qemu import console, procfs
+from metald.backends import procfs
+from metald.backends.process import ProcessWatch, describe_status
+from metald.backends.qemu import console
 from metald.backends.qemu.accel import AccelChooser, probe_kernel_args
 from metald.backends.qemu.backend import exit_reason
 from metald.backends.qemu.metrics import apply_blockstats
-from metald.backends.qemu.process import ProcessWatch, describe_status
 from metald.backends.qemu.validate import validate_spec
 from metald.core.errors import InvalidArgument
 from metald.core.models import BootSpec, Drive, VmMetrics

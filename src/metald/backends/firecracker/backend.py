@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from metald.backends.firecracker import procfs
+from metald.backends import procfs
 from metald.backends.firecracker.client import FirecrackerClient
 from metald.backends.firecracker.handle import FcHandle, is_vmm_of, mismatch
 from metald.backends.firecracker.launch import (
@@ -41,8 +41,8 @@ from metald.backends.firecracker.launch import (
     OwnJailerLauncher,
 )
 from metald.backends.firecracker.metrics import CpuSampler, MetricsFile
-from metald.backends.firecracker.process import ProcessWatch, describe_status, spawn
 from metald.backends.firecracker.validation import MIB, boot_args, check_spec
+from metald.backends.process import ProcessWatch, describe_status, spawn
 from metald.config import Settings
 from metald.core.errors import BackendError, FailedPrecondition
 from metald.core.models import BootSpec, VmMetrics
@@ -95,7 +95,7 @@ class _Vm:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self.vmm_fd, signal.SIGKILL)
                 return
-        self.watch.kill(signal.SIGKILL)
+        self.watch.kill(signal.SIGKILL, group=False)
 
     def close_fds(self) -> None:
         if self.vmm_fd is not None:
@@ -240,7 +240,7 @@ class FirecrackerBackend:
         stderr_path = spec.run_dir / STDERR_NAME
         stderr_path.write_bytes(b"")
         try:
-            popen = spawn(launch.argv, spec.console_log if spec.console_enabled else None, stderr_path)
+            popen = spawn(launch.argv, stderr_path, spec.console_log if spec.console_enabled else None)
         except OSError as exc:
             raise BackendError(f"cannot start {launch.argv[0]}: {exc}") from exc
         stat = procfs.read_stat(popen.pid)
@@ -420,7 +420,7 @@ class FirecrackerBackend:
                 how = f"killed after {timeout_s:g}s (the guest did not power off)"
         vm.kill()
         if not await vm.watch.wait(5):
-            vm.watch.kill(signal.SIGKILL)
+            vm.watch.kill(signal.SIGKILL, group=False)
             if not await vm.watch.wait(5):
                 raise BackendError(f"firecracker pid {vm.watch.pid} survived SIGKILL")
         with contextlib.suppress(OSError):

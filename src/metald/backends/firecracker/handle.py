@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from metald.backends.firecracker import procfs
+from metald.backends import procfs
 
 HANDLE_VERSION = 1
 

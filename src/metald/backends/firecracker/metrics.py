@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metald.backends.firecracker import procfs
+from metald.backends import procfs
 
 # (section, key in Firecracker's JSON, attribute of Totals)
 _FIELDS = (

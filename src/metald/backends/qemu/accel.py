@@ -23,9 +23,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
+from metald.backends.process import ProcessWatch, spawn
 from metald.backends.qemu import console
 from metald.backends.qemu.command import Accel, CommandOptions, build_argv, vmm_log_path
-from metald.backends.qemu.process import ProcessWatch, spawn
 from metald.core.models import BootSpec
 
 log = logging.getLogger(__name__)

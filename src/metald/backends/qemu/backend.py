@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metald.backends.qemu import console, handle, procfs
+from metald.backends import procfs
+from metald.backends.process import ProcessWatch, describe_status, spawn
+from metald.backends.qemu import console, handle
 from metald.backends.qemu.accel import PROBE_TIMEOUT_S, AccelChooser, probe_kvm
 from metald.backends.qemu.clock import cached_host_tsc_khz, tcg_extra_args
 from metald.backends.qemu.command import (
@@ -28,7 +30,6 @@ from metald.backends.qemu.command import (
     vmm_log_path,
 )
 from metald.backends.qemu.metrics import CpuSample, apply_blockstats, read_network, read_process
-from metald.backends.qemu.process import ProcessWatch, describe_status, spawn
 from metald.backends.qemu.qmp import QmpSession, describe_shutdown
 from metald.backends.qemu.validate import validate_spec
 from metald.config import Settings
@@ -240,9 +241,12 @@ class QemuBackend:
         if self.jailer is not None:
             await self._prepare_jail(spec, await self.accel.choose(spec))
 
-    async def discard(self, vm_id: str) -> list[int]:
+    async def discard(self, vm_id: str, kill_strays: bool = True) -> list[int]:
         """Kill every VMM process of this VM (tracked or not) and remove its socket and
-        pid file; logs and the jail stay. Returns the pids killed."""
+        pid file; logs and the jail stay. Returns the pids killed.
+
+        ``kill_strays=False`` skips the /proc scan for untracked ones (start-up
+        reconcile, whose leftover sweep kills every stray at the end)."""
         vm = self._vms.get(vm_id)
         if vm is not None:
             vm.stopping = True
@@ -254,7 +258,9 @@ class QemuBackend:
             await vm.qmp.close()
             if self._vms.get(vm_id) is vm:
                 del self._vms[vm_id]
-        killed = await asyncio.to_thread(_kill_processes, self._markers(only=vm_id, keep={}))
+        killed = []
+        if kill_strays:
+            killed = await asyncio.to_thread(_kill_processes, self._markers(only=vm_id, keep={}))
         run_dir = self.settings.run_dir / vm_id
         for path in (qmp_socket_path(run_dir), pid_file_path(run_dir)):
             path.unlink(missing_ok=True)

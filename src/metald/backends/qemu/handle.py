@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from metald.backends.qemu import procfs
+from metald.backends import procfs
 from metald.backends.qemu.command import argv_hash
 
 HANDLE_VERSION = 1

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from metald.backends.qemu import procfs
+from metald.backends import procfs
 from metald.core.models import VmMetrics
 
 

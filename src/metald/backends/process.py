@@ -1,27 +1,34 @@
-"""Starting Firecracker detached from metald, and noticing when it exits.
+"""Starting a VMM detached from metald and noticing when it exits (every backend).
 
-The VMM gets its own session, so a signal to metald's process group or a
-metald restart leaves it running. Exits are seen through a pidfd, which works
-for our children and for VMMs adopted after a restart; children are reaped to
-learn their exit status.
+The VMM gets its own session (so signals to metald's process group and a
+metald restart leave it alone) and writes stdout/stderr to a per-VM log.
+Exits are noticed through a pidfd, which works for children and for VMMs
+adopted after a restart; children are reaped to learn their exit status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 
-def spawn(argv: list[str], stdout: Path | None, stderr: Path) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in a new session; stdout (the guest's serial console) to ``stdout``."""
+
+def spawn(argv: list[str], log_path: Path, stdout_path: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a new session, stdin on /dev/null and stderr to ``log_path``.
+
+    stdout goes to ``stdout_path`` (e.g. Firecracker's serial console) or, when
+    None, to the same log.
+    """
     with contextlib.ExitStack() as stack:
-        out = stack.enter_context(open(stdout, "ab")) if stdout else subprocess.DEVNULL
-        err = stack.enter_context(open(stderr, "ab"))
+        err = stack.enter_context(open(log_path, "ab"))
+        out = stack.enter_context(open(stdout_path, "ab")) if stdout_path is not None else err
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -33,7 +40,7 @@ def spawn(argv: list[str], stdout: Path | None, stderr: Path) -> subprocess.Pope
 
 
 def describe_status(returncode: int | None) -> str:
-    """Human text for a Popen return code (negative: killed by that signal)."""
+    """Human text for a Popen-style return code (negative = killed by signal)."""
     if returncode is None:
         return "exited (exit status unknown: not a child of this metald)"
     if returncode < 0:
@@ -83,8 +90,9 @@ class ProcessWatch:
             return
         self._detach()
         if self._popen is not None:
+            # Reaps the child; negative values mean "killed by that signal".
             self.returncode = self._popen.poll()
-            if self.returncode is None:  # pidfd readable a moment before waitable
+            if self.returncode is None:  # readable pidfd but not yet waitable
                 self.returncode = self._popen.wait()
         self.exited.set()
         self._on_exit(self.returncode)
@@ -97,12 +105,20 @@ class ProcessWatch:
             return False
         return True
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the process through its pidfd (never a reused pid)."""
-        if self.exited.is_set() or self._fd is None:
+    def kill(self, sig: int = signal.SIGKILL, group: bool = True) -> None:
+        """Signal the process through its pidfd (never a reused pid) and, with
+        ``group``, its process group (QEMU's helpers; not Firecracker's launcher,
+        which must outlive the VMM it reaps)."""
+        if self.exited.is_set():
             return
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(self._fd, sig)
+        if self._fd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._fd, sig)
+        if not group:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(self.pid) == self.pid:
+                os.killpg(self.pid, sig)
 
     def _detach(self) -> None:
         if self._fd is None:

@@ -1,4 +1,4 @@
-"""The few facts about a Firecracker process that /proc gives: start time, CPU, RSS."""
+"""Reading a VMM process's facts from /proc (start time, CPU, memory, netns counters), for every backend."""
 
 from __future__ import annotations
 
@@ -13,15 +13,20 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 @dataclass(frozen=True)
 class ProcStat:
     state: str
-    cpu_ticks: int  # utime + stime
-    start_time: int  # clock ticks after host boot (field 22)
+    utime: int  # clock ticks
+    stime: int
+    start_time: int  # clock ticks after boot (field 22)
+
+    @property
+    def cpu_ticks(self) -> int:
+        return self.utime + self.stime
 
 
 def parse_stat(text: str) -> ProcStat:
-    """Parse /proc/<pid>/stat; the comm field may hold spaces and parentheses."""
+    """Parse /proc/<pid>/stat; the comm field may contain spaces and parentheses."""
     rest = text[text.rindex(")") + 2 :].split()
-    # rest[0] is field 3 (state), so field N is rest[N - 3].
-    return ProcStat(state=rest[0], cpu_ticks=int(rest[11]) + int(rest[12]), start_time=int(rest[19]))
+    # rest[0] is field 3 (state); field N is rest[N - 3].
+    return ProcStat(state=rest[0], utime=int(rest[11]), stime=int(rest[12]), start_time=int(rest[19]))
 
 
 def read_stat(pid: int, proc: Path = PROC) -> ProcStat | None:
@@ -65,6 +70,36 @@ def system_uptime(proc: Path = PROC) -> float:
 
 def process_age_seconds(start_time_ticks: int, proc: Path = PROC) -> float:
     return max(0.0, system_uptime(proc) - start_time_ticks / CLK_TCK)
+
+
+@dataclass(frozen=True)
+class IfaceCounters:
+    rx_bytes: int
+    rx_packets: int
+    tx_bytes: int
+    tx_packets: int
+
+
+def parse_net_dev(text: str, ifname: str) -> IfaceCounters | None:
+    """Counters of ``ifname`` from a /proc/<pid>/net/dev table."""
+    for line in text.splitlines()[2:]:
+        name, sep, values = line.partition(":")
+        if not sep or name.strip() != ifname:
+            continue
+        f = values.split()
+        return IfaceCounters(rx_bytes=int(f[0]), rx_packets=int(f[1]), tx_bytes=int(f[8]), tx_packets=int(f[9]))
+    return None
+
+
+def read_iface_counters(pid: int, ifname: str, proc: Path = PROC) -> IfaceCounters | None:
+    """Counters of an interface in the network namespace ``pid`` lives in.
+
+    /proc/<pid>/net/dev shows the process's own namespace, so no setns is needed.
+    """
+    try:
+        return parse_net_dev((proc / str(pid) / "net" / "dev").read_text(), ifname)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def pids(proc: Path = PROC) -> list[int]:
