@@ -104,3 +104,25 @@ def read_iface_counters(pid: int, ifname: str, proc: Path = PROC) -> IfaceCounte
 
 def pids(proc: Path = PROC) -> list[int]:
     return [int(p.name) for p in proc.iterdir() if p.name.isdigit()]
+
+
+def identify(pid: int, start_time: int, proc: Path = PROC) -> tuple[str | None, list[str]]:
+    """Is ``pid`` still the process that started at ``start_time``?
+
+    Returns (why not, or None; its command line). A pid alone proves nothing:
+    the start time rules out a reused pid, and callers then check the command
+    line for their VMM's control socket.
+    """
+    if pid <= 1:
+        return f"invalid pid {pid}", []
+    stat = read_stat(pid, proc)
+    if stat is None:
+        return f"process {pid} is gone", []
+    if stat.state in ("Z", "X"):
+        return f"process {pid} has exited", []
+    if stat.start_time != start_time:
+        return f"pid {pid} was reused (start time {stat.start_time} != {start_time})", []
+    argv = read_cmdline(pid, proc)
+    if argv is None:
+        return f"process {pid} has no command line", []
+    return None, argv

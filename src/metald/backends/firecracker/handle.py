@@ -65,18 +65,9 @@ def mismatch(handle: FcHandle, proc: Path = procfs.PROC) -> str | None:
     None means it is: same pid, same start time (not a reused pid), and a
     command line with the handle's ``--api-sock`` and ``--id``.
     """
-    if handle.pid <= 1:
-        return f"invalid pid {handle.pid}"
-    stat = procfs.read_stat(handle.pid, proc)
-    if stat is None:
-        return f"process {handle.pid} is gone"
-    if stat.state in ("Z", "X"):
-        return f"process {handle.pid} has exited"
-    if stat.start_time != handle.start_time:
-        return f"pid {handle.pid} was reused (start time {stat.start_time} != {handle.start_time})"
-    argv = procfs.read_cmdline(handle.pid, proc)
-    if argv is None:
-        return f"process {handle.pid} has no command line"
+    why, argv = procfs.identify(handle.pid, handle.start_time, proc)
+    if why is not None:
+        return why
     if not is_vmm_of(argv, handle.vm_id, handle.api_sock_arg):
         return f"process {handle.pid} is not Firecracker instance {handle.vm_id} on {handle.api_sock_arg}"
     return None

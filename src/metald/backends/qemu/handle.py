@@ -50,18 +50,9 @@ def mismatch(handle: VmmHandle, proc: Path = procfs.PROC) -> str | None:
     None means it is: same pid, same start time (so not a reused pid), a
     command line that holds the handle's QMP socket path and hashes the same.
     """
-    if handle.pid <= 1:
-        return f"invalid pid {handle.pid}"
-    stat = procfs.read_stat(handle.pid, proc)
-    if stat is None:
-        return f"process {handle.pid} is gone"
-    if stat.state in ("Z", "X"):
-        return f"process {handle.pid} has exited"
-    if stat.start_time != handle.start_time:
-        return f"pid {handle.pid} was reused (start time {stat.start_time} != {handle.start_time})"
-    cmdline = procfs.read_cmdline(handle.pid, proc)
-    if cmdline is None:
-        return f"process {handle.pid} has no command line"
+    why, cmdline = procfs.identify(handle.pid, handle.start_time, proc)
+    if why is not None:
+        return why
     if not any(handle.qmp_socket in arg for arg in cmdline):
         return f"process {handle.pid} does not use QMP socket {handle.qmp_socket}"
     if argv_hash(cmdline) != handle.argv_hash:
