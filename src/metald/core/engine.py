@@ -232,11 +232,11 @@ class VmEngine:
         hook = self._backend_hook("jail_exists")
         return bool(hook(vm_id)) if hook is not None else False
 
-    async def _discard_vmm(self, vm_id: str) -> None:
+    async def _discard_vmm(self, vm_id: str, kill_strays: bool = True) -> None:
         """Kill any VMM of the VM and remove its runtime files (logs and jail stay)."""
         hook = self._backend_hook("discard")
         if hook is not None:
-            await hook(vm_id)
+            await hook(vm_id, kill_strays=kill_strays)
         elif self.backend.is_running(vm_id):
             await self.backend.shutdown(vm_id, True, 0)
 
@@ -765,18 +765,26 @@ class VmEngine:
             await self._teardown(row)
             (report.rolled_back if operation == "create" else report.completed).append(vm_id)
             return
-        steps = self._reapply_steps(self._alloc(row))
-        if steps:
+
+        async def network() -> None:
+            steps = self._reapply_steps(self._alloc(row))
+            if steps:
+                try:
+                    await self._plan("reconcile.network", steps).run()
+                except StepFailed:
+                    log.exception("re-applying network failed")
+
+        async def adopt() -> bool:
+            if not row.handle or not (row.state in ACTIVE or operation in ("boot", "reboot", "shutdown")):
+                return False
             try:
-                await self._plan("reconcile.network", steps).run()
-            except StepFailed:
-                log.exception("re-applying network failed")
-        adopted = False
-        if row.handle and (row.state in ACTIVE or operation in ("boot", "reboot", "shutdown")):
-            try:
-                adopted = await self.backend.adopt(self._spec(row), row.handle)
+                return await self.backend.adopt(self._spec(row), row.handle)
             except Exception:
                 log.exception("adopt failed")
+                return False
+
+        # independent: a running VMM holds its TAP open whatever the re-apply finds
+        _, adopted = await asyncio.gather(network(), adopt())
         if adopted:
             report.adopted.append(vm_id)
         if operation == "boot":
@@ -806,7 +814,7 @@ class VmEngine:
                     reason = "stopped by ShutdownVm (finished while metald restarted)"
                 else:
                     reason = f"VMM exited while metald was not running ({why})"
-                await self._discard_vmm(vm_id)
+                await self._discard_vmm(vm_id, kill_strays=False)  # the sweep below kills strays
                 self._record_stopped(row, reason)
                 self.store.add_event(vm_id, "reconcile", "shutdown", reason)
                 report.marked_shutdown.append(vm_id)
@@ -814,7 +822,7 @@ class VmEngine:
                     report.completed.append(vm_id)
         elif row.handle:
             # CREATED/SHUTDOWN with a handle left: no VMM may run for it
-            await self._discard_vmm(vm_id)
+            await self._discard_vmm(vm_id, kill_strays=False)
             self.store.update_vm(vm_id, handle={})
         if intent is not None:
             self.store.end_intent(vm_id)
