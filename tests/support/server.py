@@ -19,7 +19,8 @@ from metald.api.health import Health
 from metald.api.service import VmServiceImpl
 from metald.api.tls import open_tls
 from metald.config import Settings
-from metald.core.engine import ReconcileReport, VmEngine
+from metald.core.engine import VmEngine
+from metald.core.lifecycle import ReconcileReport
 from metald.store.sqlite import Store
 
 

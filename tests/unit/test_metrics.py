@@ -13,7 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from metald.config import Settings
-from metald.core.engine import ReconcileReport, VmEngine
+from metald.core.engine import VmEngine
+from metald.core.lifecycle import ReconcileReport
 from metald.core.models import VmMetrics
 from metald.gen.metal.vmprovisioner.v1 import vm_pb2 as pb
 from metald.observability.metrics import Metrics, exit_reason_class, ip_pool_size

@@ -21,7 +21,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from metald.core.engine import ReconcileReport, VmEngine
+from metald.core.engine import VmEngine
+from metald.core.lifecycle import ReconcileReport
 from metald.gen.metal.vmprovisioner.v1 import vm_pb2 as pb
 from metald.observability.logging import JsonFormatter
 from metald.observability.tracing import Tracing, traces_url
