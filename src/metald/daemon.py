@@ -21,6 +21,7 @@ from metald.backends.factory import make_backend
 from metald.config import Settings
 from metald.core.engine import VmEngine
 from metald.core.ports import Network
+from metald.limits import raise_nofile_limit
 from metald.store.sqlite import Store
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ async def build(settings: Settings, tls: ServerTls | None = None) -> Daemon:
 
 
 async def run(settings: Settings) -> None:
+    raise_nofile_limit()  # hundreds of VMs hold sockets, pidfds and netlink handles
     address = bind_address(settings)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     tls = await open_tls(settings)  # TlsError: refuse to start, never plaintext instead

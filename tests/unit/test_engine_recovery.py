@@ -88,3 +88,24 @@ async def test_failed_create_step_leaves_nothing(parts, monkeypatch: pytest.Monk
             await engine.create("f1", "", _draft(settings.image_dir), b"")
         assert store.get_vm("f1") is None and network.allocs == {} and store.intents() == []
         assert not (settings.run_dir / "f1").exists()
+
+
+async def test_memory_budget_counts_running_vms_only(tmp_path: Path) -> None:
+    import os
+
+    from metald.core.errors import ResourceExhausted
+
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    settings = make_settings(tmp_path, network_enabled=False, host_max_memory_fraction=(300 << 20) / host)
+    store = Store(settings.db_path)
+    engine = VmEngine(settings, store, FakeBackend(), None)
+    for name in ("m1", "m2", "m3"):  # creating costs no memory
+        await engine.create(name, "", _draft(settings.image_dir), b"")
+    await engine.boot("m1")
+    await engine.boot("m2")
+    with pytest.raises(ResourceExhausted, match="held by running VMs"):
+        await engine.boot("m3")
+    assert store.get_vm("m3").state == VmState.CREATED
+    await engine.shutdown("m1", True, 0)
+    assert await engine.boot("m3") == VmState.RUNNING
+    store.close()

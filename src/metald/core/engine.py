@@ -249,7 +249,6 @@ class VmEngine(ReconcileMixin):
         async def body() -> VmRow:
             if self.store.get_vm(vm_id) is not None:
                 raise AlreadyExists(f"vm {vm_id} already exists")
-            await self._check_capacity(draft)
             holder: dict[str, Any] = {}
 
             async def record() -> None:
@@ -315,13 +314,17 @@ class VmEngine(ReconcileMixin):
 
         return await self._operation("create", vm_id, body)
 
-    async def _check_capacity(self, draft: VmDraft) -> None:
-
+    def _check_capacity(self, row: VmRow) -> None:
+        """Memory is held by running VMs only: created and shut-down VMs cost none,
+        so the budget (UNKEY_METALD_HOST_MAX_MEMORY_FRACTION of the host) is
+        checked when a VM boots."""
         host_mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         budget = host_mem * self.settings.host_max_memory_fraction
-        if self.store.total_memory_bytes() + draft.memory_bytes > budget:
+        used = self.store.active_memory_bytes()
+        if used + row.memory_bytes > budget:
             raise ResourceExhausted(
-                f"host memory budget exhausted: {int(budget) >> 20} MiB for all VMs"
+                f"host memory budget exhausted: {used >> 20} MiB of {int(budget) >> 20} MiB held by running VMs,"
+                f" vm {row.vm_id} needs {row.memory_bytes >> 20} MiB"
             )
 
     # --- boot ----------------------------------------------------------------
@@ -329,6 +332,7 @@ class VmEngine(ReconcileMixin):
         async def body() -> VmState:
             row = self._row(vm_id)
             self._require(row, (VmState.CREATED, VmState.SHUTDOWN), "boot")
+            self._check_capacity(row)
             spec = self._spec(row)
             await self.backend.validate(spec)
             alloc = self._alloc(row)

@@ -28,6 +28,11 @@ SYSCTL_CONTENT = (
     "net.ipv4.ip_forward = 1\n"
 )
 IFF_UP = 0x1
+# Floor of the IPv4 neighbour (ARP) table's garbage-collection thresholds (see
+# docs/scaling.md): metald's own per-VM entries are permanent and exempt, but
+# the host's dynamic entries (VMs talking to the host and through it) scale
+# with the VM count, and the kernel defaults (128/512/1024) are for a desktop.
+NEIGH_GC_THRESHOLDS = (("gc_thresh1", 1024), ("gc_thresh2", 4096), ("gc_thresh3", 8192))
 
 
 def persist_sysctl(path: Path = SYSCTL_FILE, content: str = SYSCTL_CONTENT) -> bool:
@@ -80,9 +85,43 @@ def _ensure_bridge(settings: Settings) -> None:
     netns.write_sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")
 
 
+def in_initial_netns() -> bool:
+    """True if this process shares PID 1's network namespace (a host daemon)."""
+    try:
+        return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        return False
+
+
+def raise_neigh_thresholds(proc_sys: Path = Path("/proc/sys"), only_in_initial_netns: bool = True) -> list[str]:
+    """Raise net.ipv4.neigh.default.gc_thresh1/2/3 to at least NEIGH_GC_THRESHOLDS,
+    never lowering a value; returns the settings changed ("name=value").
+
+    The thresholds belong to the kernel's one ARP table, shared by every
+    network namespace: written from a private namespace (tests, a container)
+    they would change the whole machine, so by default this only acts in the
+    initial namespace."""
+    if only_in_initial_netns and not in_initial_netns():
+        return []
+    changed = []
+    for name, floor in NEIGH_GC_THRESHOLDS:
+        path = proc_sys / "net" / "ipv4" / "neigh" / "default" / name
+        try:
+            current = int(path.read_text().strip())
+            if current < floor:
+                path.write_text(str(floor))
+                changed.append(f"{name}={floor}")
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise neighbour table limit", extra={"setting": name, "error": str(exc)})
+    return changed
+
+
 async def setup(settings: Settings) -> None:
-    """ip_forward (live and persisted), the bridge, and the nft tables."""
+    """ip_forward (live and persisted), neighbour table limits, the bridge, and the nft tables."""
     persist_sysctl()
+    changed = raise_neigh_thresholds()
+    if changed:
+        log.info("raised neighbour table limits: %s", ", ".join(changed))
     await netns.run(None, _ensure_bridge, settings)
     script = rules.host_ruleset(settings)
     try:

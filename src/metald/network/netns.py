@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from pyroute2 import IPRoute
+from metald.network.rtnl import Rtnl
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
@@ -73,7 +73,17 @@ def exists(name: str) -> bool:
         st = os.stat(path_of(name))
     except FileNotFoundError:
         return False
-    return st.st_dev == os.stat("/proc/self/ns/net").st_dev
+    return st.st_dev == _nsfs_dev()
+
+
+_nsfs: list[int] = []
+
+
+def _nsfs_dev() -> int:
+    """The device of nsfs, where every namespace file lives (one per boot)."""
+    if not _nsfs:
+        _nsfs.append(os.stat("/proc/self/ns/net").st_dev)
+    return _nsfs[0]
 
 
 def list_names() -> list[str]:
@@ -87,15 +97,26 @@ def _go_home() -> None:
     """Make sure this pool thread is in the process's own namespace.
 
     A task always switches back; this guards against a failed switch-back
-    leaving the thread elsewhere for the next task.
+    leaving the thread elsewhere for the next task (the thread is marked
+    "away" until a switch back succeeds, so a normal task costs no syscall).
     """
+    if not getattr(_local, "away", False):
+        return
     mine = os.stat("/proc/thread-self/ns/net").st_ino
     if mine != os.stat("/proc/self/ns/net").st_ino:
-        fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(fd, "home")
-        finally:
-            os.close(fd)
+        _setns(_process_ns(), "home")
+    _local.away = False
+
+
+_process_ns_fd: list[int] = []
+
+
+def _process_ns() -> int:
+    """A descriptor of the process's own network namespace (opened once)."""
+    with _dir_lock:
+        if not _process_ns_fd:
+            _process_ns_fd.append(os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+        return _process_ns_fd[0]
 
 
 @contextmanager
@@ -108,22 +129,32 @@ def entered(name: str | None) -> Iterator[None]:
         target = os.open(path_of(name), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise NamespaceMissing(errno.ENOENT, "no such network namespace", name) from None
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    depth = getattr(_local, "depth", 0)
+    # Not nested and not left elsewhere: this thread is in the process's namespace.
+    outermost = depth == 0 and not getattr(_local, "away", False)
+    home = _process_ns() if outermost else os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    _local.depth = depth + 1
     try:
+        if outermost:
+            _local.away = True
         _setns(target, name)
         try:
             yield
         finally:
             _setns(home, "home")
+            if outermost:
+                _local.away = False
     finally:
+        _local.depth = depth
         os.close(target)
-        os.close(home)
+        if not outermost:
+            os.close(home)
 
 
 def _task(name: str | None, fn: Callable[..., T], *args: object) -> T:
     _go_home()
     if getattr(_local, "ipr", None) is None:
-        _local.ipr = IPRoute(groups=0)
+        _local.ipr = Rtnl()
     try:
         with entered(name):
             return fn(*args)
@@ -143,7 +174,7 @@ def _drop_host_ipr() -> None:
             pass
 
 
-def host_ipr() -> IPRoute:
+def host_ipr() -> Rtnl:
     """This pool thread's netlink socket in the process's own namespace.
 
     Opened once per pool thread (not subscribed to any multicast group, so
@@ -156,9 +187,9 @@ def host_ipr() -> IPRoute:
     return ipr
 
 
-def ns_ipr() -> IPRoute:
+def ns_ipr() -> Rtnl:
     """A new netlink socket in the calling thread's current namespace (close it)."""
-    return IPRoute(groups=0)
+    return Rtnl()
 
 
 async def run(name: str | None, fn: Callable[..., T], *args: object) -> T:
@@ -192,7 +223,9 @@ def create_sync(name: str) -> bool:
     except FileExistsError:
         pass  # an empty leftover file from an interrupted create: mount over it
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    was_away = getattr(_local, "away", False)
     try:
+        _local.away = True
         _check(_libc.unshare(CLONE_NEWNET), "unshare", name)
         try:
             ret = _libc.mount(
@@ -201,6 +234,7 @@ def create_sync(name: str) -> bool:
             _check(ret, "mount", name)
         finally:
             _setns(home, "home")
+            _local.away = was_away
     except BaseException:
         try:
             path.unlink()
@@ -240,24 +274,56 @@ async def remove(name: str) -> bool:
     return await run(None, remove_sync, name)
 
 
-def write_sysctl(key: str, value: str, missing_ok: bool = False) -> None:
-    """Write /proc/sys/<key> (dots or slashes) in the calling thread's namespace."""
-    path = "/proc/sys/" + key.replace(".", "/") if "/" not in key else "/proc/sys/" + key
+@contextmanager
+def sysctl_dir() -> Iterator[int]:
+    """/proc/sys/net of the calling thread's namespace, as a directory descriptor
+    for :func:`write_sysctl` and :func:`read_sysctl` (``net_dir=``).
+
+    Looking up /proc/sys/net costs the kernel time proportional to the number
+    of network namespaces that used it (one "net" dentry each, told apart by
+    comparison): about 0.1 ms per sysctl path with 1000 VMs here. Paths below
+    it are per namespace and cheap, so several sysctls of one namespace share
+    one lookup this way.
+    """
+    fd = os.open("/proc/sys/net", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with open(path, "w") as f:
-            f.write(value)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _sysctl_path(key: str, net_dir: int | None) -> str:
+    path = key.replace(".", "/") if "/" not in key else key
+    if net_dir is not None:
+        if not path.startswith("net/"):
+            raise ValueError(f"{key}: not below net/")
+        return path[len("net/") :]
+    return "/proc/sys/" + path
+
+
+def write_sysctl(key: str, value: str, missing_ok: bool = False, net_dir: int | None = None) -> None:
+    """Write /proc/sys/<key> (dots or slashes) in the calling thread's namespace."""
+    try:
+        fd = os.open(_sysctl_path(key, net_dir), os.O_WRONLY | os.O_CLOEXEC, dir_fd=net_dir)
     except FileNotFoundError:
         if not missing_ok:
             raise
-
-
-def read_sysctl(key: str) -> str | None:
-    path = "/proc/sys/" + key.replace(".", "/") if "/" not in key else "/proc/sys/" + key
+        return
     try:
-        with open(path) as f:
-            return f.read().strip()
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def read_sysctl(key: str, net_dir: int | None = None) -> str | None:
+    try:
+        fd = os.open(_sysctl_path(key, net_dir), os.O_RDONLY | os.O_CLOEXEC, dir_fd=net_dir)
     except FileNotFoundError:
         return None
+    try:
+        return os.read(fd, 4096).decode().strip()
+    finally:
+        os.close(fd)
 
 
 SIOCGIFFLAGS = 0x8913

@@ -38,14 +38,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from metald.core.errors import BackendError
+from metald.core.errors import BackendError, ResourceExhausted
 from metald.core.models import NetworkAllocation, RateLimit
 from metald.core.plan import Step
 from metald.network import names, netns, nft, rules, tc
 from metald.network.reaper import LinkReaper
+from metald.network.rtnl import Rtnl
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ AF_INET = 2
 RT_TABLE_MAIN = 254
 RT_SCOPE_LINK = 253
 IFALIAS_PREFIX = "metald:"
+BRIDGE_MAX_PORTS = 1023  # BR_MAX_PORTS (1024) minus port number 0; adding one more fails with EXFULL
 
 
 @dataclass
@@ -71,6 +72,9 @@ class RunState:
     """What the steps of one plan run learn from each other."""
 
     fresh_ns: bool = False  # the netns step created the namespace in this run
+    # Readiness of every netlink step, checked together in one pool task when a
+    # plan starts on an existing namespace; dropped as soon as a step does work.
+    ready: dict[str, bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ def _ignore(codes: tuple[int, ...], fn: Callable[[], object]) -> None:
             raise
 
 
-def get_link(ipr: IPRoute, ifname: str) -> Any | None:
+def get_link(ipr: Rtnl, ifname: str) -> Any | None:
     """The link message for ``ifname`` (one RTM_GETLINK), or None."""
     try:
         return ipr.link("get", ifname=ifname)[0]
@@ -129,7 +133,7 @@ def _is_up(link: Any | None) -> bool:
     return link is not None and bool(link["flags"] & IFF_UP)
 
 
-def _delete_link(ipr: IPRoute, ifname: str) -> bool:
+def _delete_link(ipr: Rtnl, ifname: str) -> bool:
     """Delete ``ifname``; ``ipr`` must belong to the thread's current namespace."""
     idx = netns.ifindex(ifname)
     if idx is None:
@@ -158,9 +162,13 @@ def _netns_ready(v: VmNet) -> bool:
 
 def _netns_create(v: VmNet) -> None:
     v.run.fresh_ns = netns.create_sync(v.ns)
-    with netns.entered(v.ns):
+    with netns.entered(v.ns), netns.sysctl_dir() as net:
         for key, value in NS_SYSCTLS:
-            netns.write_sysctl(key, value, missing_ok=key.startswith("net/ipv6"))
+            # A new namespace inherits IPv4's all/default settings from the host's
+            # (ip_forward is on where metald runs): writing forwarding takes the
+            # RTNL lock, so only what differs is written.
+            if netns.read_sysctl(key, net) != value:
+                netns.write_sysctl(key, value, missing_ok=key.startswith("net/ipv6"), net_dir=net)
 
 
 def _netns_remove(v: VmNet) -> None:
@@ -199,6 +207,13 @@ def _veth_create(v: VmNet) -> None:
             master=br,
             peer={"ifname": a.ns_veth, "net_ns_fd": nsfd, "address": v.vn_mac},
         )
+    except NetlinkError as exc:
+        if exc.code == errno.EXFULL:  # the kernel made no device: nothing to undo here
+            raise ResourceExhausted(
+                f"bridge {v.bridge} is full: a Linux bridge holds at most {BRIDGE_MAX_PORTS} ports "
+                "(one per VM network on this host)"
+            ) from None
+        raise
     finally:
         os.close(nsfd)
     idx = netns.ifindex(a.host_veth)
@@ -281,23 +296,23 @@ def _proxy_sysctls(v: VmNet) -> list[tuple[str, str]]:
 def _proxy_ready(v: VmNet) -> bool:
     if v.run.fresh_ns or not netns.exists(v.ns):
         return False
-    with netns.entered(v.ns):
-        return all(netns.read_sysctl(k) == val for k, val in _proxy_sysctls(v))
+    with netns.entered(v.ns), netns.sysctl_dir() as net:
+        return all(netns.read_sysctl(k, net) == val for k, val in _proxy_sysctls(v))
 
 
 def _proxy_on(v: VmNet) -> None:
-    with netns.entered(v.ns):
+    with netns.entered(v.ns), netns.sysctl_dir() as net:
         for key, value in _proxy_sysctls(v):
-            netns.write_sysctl(key, value)
+            netns.write_sysctl(key, value, net_dir=net)
 
 
 def _proxy_off(v: VmNet) -> None:
     if not netns.exists(v.ns):
         return
-    with netns.entered(v.ns):
+    with netns.entered(v.ns), netns.sysctl_dir() as net:
         for key, _ in _proxy_sysctls(v):
             if key.endswith("proxy_arp"):
-                netns.write_sysctl(key, "0", missing_ok=True)
+                netns.write_sysctl(key, "0", missing_ok=True, net_dir=net)
 
 
 # --- routes ----------------------------------------------------------------------
@@ -355,7 +370,7 @@ def _routes_delete(v: VmNet) -> None:
 # --- neighbours ----------------------------------------------------------------
 
 
-def _has_neigh(ipr: IPRoute, ifindex: int | None, ip: str, mac: str) -> bool:
+def _has_neigh(ipr: Rtnl, ifindex: int | None, ip: str, mac: str) -> bool:
     if ifindex is None:
         return False
     try:
@@ -399,7 +414,7 @@ def _neigh_set(v: VmNet) -> None:
         nipr.neigh("replace", dst=a.gateway, lladdr=v.bridge_mac, ifindex=vn, state=NUD_PERMANENT)
 
 
-def delete_host_neigh(ipr: IPRoute, bridge: str, ip: str, mac: str) -> bool:
+def delete_host_neigh(ipr: Rtnl, bridge: str, ip: str, mac: str) -> bool:
     """Remove the host's permanent entry for ``ip`` if it still points at ``mac``."""
     br = netns.ifindex(bridge)
     if br is None or not _has_neigh(ipr, br, ip, mac):
@@ -428,8 +443,7 @@ async def teardown(v: VmNet, reaper: LinkReaper, batcher: nft.Batcher) -> None:
     await netns.run(None, _remove_ns_and_neigh, v)
     await _gather(
         reaper.delete(v.alloc.host_veth),
-        remove_elements(rules.firewall_elements(v.alloc) + rules.forward_elements(v.alloc),
-                        batcher),
+        remove_elements(rules.firewall_elements(v.alloc) + rules.forward_elements(v.alloc), batcher),
     )
 
 
@@ -475,11 +489,21 @@ class NetlinkStep:
         self._v, self._ready, self._do, self._undo = v, ready, do, undo
 
     async def is_done(self) -> bool:
-        if not netns.exists(self._v.ns) or (self._v.run.fresh_ns and self.name != "netns"):
+        run = self._v.run
+        if run.ready is not None and self.name in run.ready:
+            return run.ready[self.name]  # checked a moment ago, with the netns step
+        if not netns.exists(self._v.ns) or (run.fresh_ns and self.name != "netns"):
             return False  # nothing to ask the kernel
+        if self.name == "netns" and run.ready is None:
+            # Re-applying an existing network (start-up, boot): one trip to the
+            # pool for all the checks instead of one per step.
+            run.ready = await netns.run(None, _all_ready, self._v)
+        if run.ready is not None and self.name in run.ready:
+            return run.ready[self.name]
         return await netns.run(None, self._ready, self._v)
 
     async def do(self) -> None:
+        self._v.run.ready = None  # what this changes may change the later steps' state
         await netns.run(None, self._do, self._v)
 
     async def undo(self) -> None:
@@ -531,23 +555,34 @@ class RateLimitStep:
 
 class ElementsStep:
     """Add nft set/map elements. ``do`` uses ``create`` so that it can tell
-    whether it added them (and so ``undo`` removes only what it added)."""
+    whether it added them (and so ``undo`` removes only what it added).
 
-    def __init__(self, name: str, elements: list[rules.Element], batcher: nft.Batcher) -> None:
+    Re-applying an existing VM network (the plan found the namespace there:
+    start-up, boot) uses ``add`` at once: the elements are most likely present,
+    and a failing ``create`` per VM would make a combined transaction of many
+    VMs fail and be bisected into about two transactions per VM."""
+
+    def __init__(
+        self, name: str, elements: list[rules.Element], batcher: nft.Batcher, run: RunState | None = None
+    ) -> None:
         self.name = name
         self._elements = elements
         self._batcher = batcher
+        self._run = run
         self._added = False
 
     async def is_done(self) -> bool:
         return not self._elements
 
     async def do(self) -> None:
-        try:
-            await self._batcher.apply(rules.create_script(self._elements))
-        except nft.NftError:
-            # Some exist already (a re-run): make sure all do, and own them.
+        if self._run is not None and not self._run.fresh_ns:
             await self._batcher.apply(rules.add_script(self._elements))
+        else:
+            try:
+                await self._batcher.apply(rules.create_script(self._elements))
+            except nft.NftError:
+                # Some exist already (a re-run): make sure all do, and own them.
+                await self._batcher.apply(rules.add_script(self._elements))
         self._added = True
 
     async def undo(self) -> None:
@@ -571,6 +606,27 @@ async def remove_elements(elements: list[rules.Element], batcher: nft.Batcher) -
                 log.warning("nft element not removed", extra={"error": str(exc)})
 
 
+def _all_ready(v: VmNet) -> dict[str, bool]:
+    """Every netlink step's readiness (stops at the first that is not ready:
+    the later ones are checked again after it has run)."""
+    out: dict[str, bool] = {}
+    for name, ready in _READY:
+        out[name] = ready(v)
+        if not out[name]:
+            break
+    return out
+
+
+_READY: tuple[tuple[str, Callable[[VmNet], bool]], ...] = (
+    ("netns", _netns_ready),
+    ("veth", _veth_ready),
+    ("tap", _tap_ready),
+    ("proxy_arp", _proxy_ready),
+    ("routes", _routes_ready),
+    ("neighbours", _neigh_ready),
+)
+
+
 def steps(v: VmNet, reaper: LinkReaper, batcher: nft.Batcher) -> list[Step]:
     """The per-VM plan steps, in order."""
     return [
@@ -581,6 +637,6 @@ def steps(v: VmNet, reaper: LinkReaper, batcher: nft.Batcher) -> list[Step]:
         NetlinkStep("routes", v, _routes_ready, _routes_set, _routes_delete),
         NetlinkStep("neighbours", v, _neigh_ready, _neigh_set, _neigh_delete),
         RateLimitStep(v),
-        ElementsStep("firewall", rules.firewall_elements(v.alloc), batcher),
-        ElementsStep("port_forwards", rules.forward_elements(v.alloc), batcher),
+        ElementsStep("firewall", rules.firewall_elements(v.alloc), batcher, v.run),
+        ElementsStep("port_forwards", rules.forward_elements(v.alloc), batcher, v.run),
     ]
