@@ -18,7 +18,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from metald.config import Settings
 from metald.core.errors import BackendError
-from metald.network import names, netns, nft, rules
+from metald.network import iptables_view, names, netns, nft, rules
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ async def setup(settings: Settings) -> None:
         # Per-VM elements are lost; re-running the VMs' setup steps restores them.
         log.warning("replacing metald's nft tables", extra={"error": str(exc)})
         await nft.run(rules.delete_tables_script() + script)
+    await iptables_view.ensure(settings)
 
 
 def _delete_bridge(name: str) -> None:
@@ -147,6 +148,7 @@ def _delete_bridge(name: str) -> None:
 async def teardown(settings: Settings) -> None:
     """Remove metald's nft tables and the bridge (for cleanup with no VMs left)."""
     await nft.run(rules.delete_tables_script())
+    await iptables_view.remove(settings)
     await netns.run(None, _delete_bridge, settings.network_bridge)
 
 
