@@ -84,7 +84,6 @@ def test_own_jailer_launcher(tmp_path: Path) -> None:
         "--gid", "1001",
         "--chroot-base-dir", str(tmp_path),
         "--netns", "/run/netns/fc-vm-1",
-        "--daemonize",
         "--",
         "--api-sock", "/run/firecracker.socket",
     ]  # fmt: skip

@@ -23,8 +23,10 @@ Three launchers:
   (metald stops it with SendCtrlAltDel or SIGKILL, never SIGTERM).
 * :class:`OwnJailerLauncher` (``UNKEY_METALD_FIRECRACKER_USE_OWN_JAILER``):
   Firecracker's own jailer binary (``--id --exec-file --uid --gid
-  --chroot-base-dir [--netns] --daemonize -- <firecracker args>``); assets are
-  linked into its chroot when the API names them.
+  --chroot-base-dir [--netns] -- <firecracker args>``); assets are
+  linked into its chroot when the API names them. No ``--daemonize``: metald
+  already starts it in a new session (the jailer's own setsid() would fail),
+  and its stdio must stay on the per-VM logs.
 * :class:`DirectLauncher` (jailer off; development only): ``firecracker
   --api-sock <run_dir>/firecracker.sock --id <vm_id>`` as root, inside the VM's
   network namespace through ``nsenter --net=/run/netns/<ns> --``.
@@ -294,7 +296,7 @@ class OwnJailerLauncher:
         if spec.network is not None:
             argv += ["--netns", f"/run/netns/{spec.network.namespace}"]
         # The jailer adds --id itself; no --new-pid-ns, so the pid we start is the VMM's.
-        argv += ["--daemonize", "--", "--api-sock", JAILED_API_SOCK]
+        argv += ["--", "--api-sock", JAILED_API_SOCK]
         return Launch(
             argv=argv,
             api_sock_arg=JAILED_API_SOCK,
