@@ -11,12 +11,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import stat
 import uuid
 from pathlib import Path
 
 from metald.config import Settings
 from metald.core.errors import InvalidArgument
+from metald.core.files import check_regular_file
 from metald.core.models import Drive, NicRequest, RateLimit, VmDraft, VmState
 from metald.gen.metal.vmprovisioner.v1 import vm_pb2 as pb
 
@@ -91,16 +91,7 @@ def asset_path(value: str, field: str, settings: Settings) -> Path:
     if not any(resolved == d or d in resolved.parents for d in allowed):
         dirs = ", ".join(str(d) for d in allowed)
         raise InvalidArgument(field, f"{value} is outside the allowed asset directories ({dirs})")
-    try:
-        st = resolved.stat()
-    except FileNotFoundError:
-        raise InvalidArgument(field, f"{value} does not exist") from None
-    except OSError as exc:
-        raise InvalidArgument(field, f"{value} cannot be read: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InvalidArgument(field, f"{value} is not a regular file")
-    if not os.access(resolved, os.R_OK):
-        raise InvalidArgument(field, f"{value} is not readable")
+    check_regular_file(field, resolved, shown=value)
     return resolved
 
 

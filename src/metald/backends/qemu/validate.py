@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import stat
-from pathlib import Path
 
 from metald.backends.qemu.command import MAX_SOCKET_PATH, qmp_socket_path
 from metald.core.errors import InvalidArgument
+from metald.core.files import check_regular_file
 from metald.core.models import BootSpec
 
 MIN_MEMORY_BYTES = 32 << 20
@@ -20,37 +19,21 @@ def max_vcpus() -> int:
     return max(1, (os.cpu_count() or 1) * VCPU_OVERCOMMIT)
 
 
-def check_file(field: str, path: Path, writable: bool = False) -> None:
-    """``path`` must be an existing, readable (and maybe writable) regular file."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise InvalidArgument(field, f"{path} does not exist") from None
-    except OSError as exc:
-        raise InvalidArgument(field, f"{path} cannot be read: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InvalidArgument(field, f"{path} is not a regular file")
-    if not os.access(path, os.R_OK):
-        raise InvalidArgument(field, f"{path} is not readable")
-    if writable and not os.access(path, os.W_OK):
-        raise InvalidArgument(field, f"{path} is not writable (set read_only)")
-
-
 def validate_spec(spec: BootSpec, vcpu_limit: int | None = None) -> None:
     limit = vcpu_limit or max_vcpus()
     if not 1 <= spec.vcpu_count <= limit:
         raise InvalidArgument("config.cpu.vcpu_count", f"must be between 1 and {limit} on this host")
     if spec.memory_bytes < MIN_MEMORY_BYTES:
         raise InvalidArgument("config.memory.size_bytes", f"must be at least {MIN_MEMORY_BYTES >> 20} MiB")
-    check_file("config.boot.kernel_path", spec.kernel_path)
+    check_regular_file("config.boot.kernel_path", spec.kernel_path)
     if spec.initrd_path is not None:
-        check_file("config.boot.initrd_path", spec.initrd_path)
+        check_regular_file("config.boot.initrd_path", spec.initrd_path)
     if "\0" in spec.kernel_args:
         raise InvalidArgument("config.boot.kernel_args", "contains a NUL byte")
     if sum(1 for d in spec.drives if d.is_root) > 1:
         raise InvalidArgument("config.storage", "more than one root device")
     for i, drive in enumerate(spec.drives):
-        check_file(f"config.storage[{i}].path", drive.path, writable=not drive.read_only)
+        check_regular_file(f"config.storage[{i}].path", drive.path, writable=not drive.read_only)
     sock = str(qmp_socket_path(spec.run_dir))
     if len(sock.encode()) > MAX_SOCKET_PATH:
         raise InvalidArgument("vm_id", f"run directory too long for a unix socket: {sock}")
