@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from metald.core.errors import InvalidArgument
+from metald.core.files import check_regular_file
 from metald.core.models import BootSpec, RateLimit
 
 MIB = 1 << 20
@@ -44,10 +45,9 @@ def check_spec(spec: BootSpec) -> None:
         raise InvalidArgument("config.cpu.vcpu_count", f"Firecracker runs 1-{MAX_VCPUS} vCPUs")
     if spec.memory_bytes < MIB or spec.memory_bytes % MIB:
         raise InvalidArgument("config.memory.size_bytes", "Firecracker needs a whole number of MiB")
-    if not spec.kernel_path.is_file():
-        raise InvalidArgument("config.boot.kernel_path", f"{spec.kernel_path} is not a file")
-    if spec.initrd_path is not None and not spec.initrd_path.is_file():
-        raise InvalidArgument("config.boot.initrd_path", f"{spec.initrd_path} is not a file")
+    check_regular_file("config.boot.kernel_path", spec.kernel_path)
+    if spec.initrd_path is not None:
+        check_regular_file("config.boot.initrd_path", spec.initrd_path)
     if len(boot_args(spec).encode()) >= CMDLINE_MAX:
         raise InvalidArgument("config.boot.kernel_args", f"longer than {CMDLINE_MAX - 1} bytes")
     roots = 0
