@@ -85,8 +85,8 @@ benchmark, median of 20, at 1 existing VM network):
 6. **Re-applying an existing VM network adds nft elements with `add`**
    (`network/vm.py`, `ElementsStep`): a `create` that fails for each VM made
    combined transactions fail and be bisected into about two transactions per
-   VM at start-up. (The engine's `_NoUndo` wrapper, written by another
-   engineer at the same time, does the same for the engine's re-apply plans.)
+   VM at start-up. (The engine's `_NoUndo` wrapper does the same for the
+   engine's re-apply plans.)
 7. **Fewer kernel lookups per VM that grow with the number of namespaces**
    (`network/netns.py`, `network/vm.py`). Every `/proc/sys/net/...` path
    lookup compares one "net" dentry per namespace (0.1-0.2 ms each with 1000
@@ -155,8 +155,8 @@ def render(info: dict[str, Any], runs: list[dict[str, Any]], started: float, qui
         "",
         f"Machine: {info['cores']} cores ({info['cpu']}), {info['memory_mib']} MiB memory, kernel "
         f"{info['kernel']}, Python {info['python']}. Load average at start: "
-        f"{' / '.join(str(x) for x in info['load_average'])} (1/5/15 min). The 2 cores are shared with other "
-        "engineers' test runs, so absolute times move with the load; the ratios compare runs made "
+        f"{' / '.join(str(x) for x in info['load_average'])} (1/5/15 min). The 2 cores may be busy with other "
+        "work (see the load average), so absolute times move with the load; the ratios compare runs made "
         "minutes apart in the same process or the same daemon. Total run time "
         f"{(time.monotonic() - started) / 60:.1f} min.",
         "",
