@@ -36,3 +36,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "/tests/e2e/" in str(item.fspath):
             item.add_marker(pytest.mark.vm)
+
+
+@pytest.fixture
+def parts(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """(settings, store) for engine tests: a temporary data dir, networking on."""
+    from metald.store.sqlite import Store
+    from tests.support.server import make_settings
+
+    settings = make_settings(tmp_path, network_enabled=True)
+    store = Store(settings.db_path)
+    yield settings, store
+    store.close()

@@ -86,7 +86,7 @@ def daemon(tmp_path: Path, require_isolated: None, require_image: Path) -> Itera
     d = new_daemon(tmp_path, require_image)
     d.start()
     yield d
-    d.kill()
+    d.kill_with_vmms()
     for pid, _ in vmm_processes_of(d.run_dir):  # never leave guests behind
         os.kill(pid, signal.SIGKILL)
 

@@ -213,9 +213,7 @@ def rounds(tmp_path: Path, require_isolated: None, require_image: Path) -> Itera
     r = Rounds(tmp_path, require_image)
     r.d.start()
     yield r
-    r.d.kill()
-    for pid, _ in vmm_processes_of(r.d.run_dir):
-        os.kill(pid, signal.SIGKILL)
+    r.d.kill_with_vmms()
     print("\n".join(r.log))
 
 

@@ -5,7 +5,6 @@ as the rules in ``metald.core.engine`` say, and leaves nothing half done.
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,9 +54,7 @@ def it(tmp_path: Path, require_isolated: None, require_image: Path) -> Iterator[
     i = Interrupted(tmp_path, require_image)
     i.d.start()
     yield i
-    i.d.kill()
-    for pid, _ in vmm_processes_of(i.d.run_dir):
-        os.kill(pid, signal.SIGKILL)
+    i.d.kill_with_vmms()
 
 
 def test_interrupted_operations_are_completed_or_rolled_back(it: Interrupted) -> None:

@@ -35,7 +35,7 @@ def daemon(tmp_path: Path, require_isolated: None, require_image: Path) -> Itera
     d = DaemonProcess(tmp_path, require_image, UNKEY_METALD_JAILER_UID="61000", UNKEY_METALD_JAILER_GID="61000")
     d.start()
     yield d
-    d.kill()
+    d.kill_with_vmms()
 
 
 def _pid_of(daemon: DaemonProcess, vm_id: str) -> int:

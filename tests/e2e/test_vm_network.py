@@ -40,7 +40,7 @@ def daemon(tmp_path: Path, require_isolated: None, require_image: Path) -> Itera
     )
     d.start()
     yield d
-    d.kill()
+    d.kill_with_vmms()
 
 
 def _listener(host: str) -> tuple[socket.socket, int]:

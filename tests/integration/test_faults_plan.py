@@ -10,11 +10,10 @@ import pytest
 from metald.core import faults
 from metald.core.engine import VmEngine
 from metald.core.errors import StepFailed
-from metald.core.models import VmDraft, VmState
+from metald.core.models import VmState
 from metald.core.plan import FuncStep, Plan, current_step, qualified
-from metald.store.sqlite import Store
+from tests.support.engine import small_draft
 from tests.support.fakes import FakeBackend, FakeNetwork
-from tests.support.server import make_settings
 
 
 def test_qualified_names() -> None:
@@ -90,23 +89,13 @@ async def _true() -> bool:
 # --- recovery rules with the fake backend ------------------------------------------
 
 
-def _draft(image: Path) -> VmDraft:
-    return VmDraft(1, 128 << 20, image / "vmlinuz", None, "console=ttyS0", (), None)
-
-
-@pytest.fixture
-def parts(tmp_path: Path):  # type: ignore[no-untyped-def]
-    settings = make_settings(tmp_path, network_enabled=True)
-    store = Store(settings.db_path)
-    yield settings, store
-    store.close()
 
 
 async def test_interrupted_boot_without_a_vmm_goes_back_to_the_previous_state(parts) -> None:  # type: ignore[no-untyped-def]
     settings, store = parts
     engine = VmEngine(settings, store, FakeBackend(), FakeNetwork())
-    await engine.create("b1", "", _draft(settings.image_dir), b"")
-    await engine.create("b2", "", _draft(settings.image_dir), b"")
+    await engine.create("b1", "", small_draft(settings.image_dir), b"")
+    await engine.create("b2", "", small_draft(settings.image_dir), b"")
     await engine.boot("b2")
     await engine.shutdown("b2", True, 0)
     store.begin_intent("b1", "boot", {"from": int(VmState.CREATED)})
@@ -120,7 +109,7 @@ async def test_interrupted_boot_without_a_vmm_goes_back_to_the_previous_state(pa
 async def test_interrupted_boot_with_an_adoptable_vmm_is_completed(parts) -> None:  # type: ignore[no-untyped-def]
     settings, store = parts
     engine = VmEngine(settings, store, FakeBackend(), FakeNetwork())
-    await engine.create("b3", "", _draft(settings.image_dir), b"")
+    await engine.create("b3", "", small_draft(settings.image_dir), b"")
     store.begin_intent("b3", "boot", {"from": int(VmState.CREATED)})
     store.update_vm("b3", handle={"pid": 1, "fake": True})  # died after boot.vmm
     backend = FakeBackend()
@@ -134,7 +123,7 @@ async def test_interrupted_shutdown_and_reboot(parts) -> None:  # type: ignore[n
     settings, store = parts
     engine = VmEngine(settings, store, FakeBackend(), FakeNetwork())
     for vm in ("s-alive", "s-gone", "r-gone"):
-        await engine.create(vm, "", _draft(settings.image_dir), b"")
+        await engine.create(vm, "", small_draft(settings.image_dir), b"")
         await engine.boot(vm)
         store.begin_intent(vm, "shutdown" if vm.startswith("s") else "reboot")
     backend = FakeBackend()
@@ -151,7 +140,7 @@ async def test_failed_delete_step_restores_everything(parts, monkeypatch: pytest
     settings, store = parts
     network = FakeNetwork()
     engine = VmEngine(settings, store, FakeBackend(), network)
-    await engine.create("d1", "", _draft(settings.image_dir), b"")
+    await engine.create("d1", "", small_draft(settings.image_dir), b"")
     (settings.run_dir / "d1" / "console.log").write_text("keep")
     for step in ("vmm", "network", "jail", "release", "files", "record"):
         monkeypatch.setenv("METALD_FAULTS", f"fail:delete.{step}")

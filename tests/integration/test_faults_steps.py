@@ -12,8 +12,6 @@ VMM process more or less than before.
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -93,9 +91,7 @@ def faulty(tmp_path: Path, require_isolated: None, require_image: Path) -> Itera
     f = Faulty(tmp_path, require_image)
     f.d.start()
     yield f
-    f.d.kill()
-    for pid, _ in vmm_processes_of(f.d.run_dir):
-        os.kill(pid, signal.SIGKILL)
+    f.d.kill_with_vmms()
 
 
 @pytest.mark.timeout(900)

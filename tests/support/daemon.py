@@ -85,6 +85,19 @@ class DaemonProcess:
             self.proc.kill()
             self.proc.wait(10)
 
+    def kill_with_vmms(self) -> None:
+        """Kill metald and every VMM it started (a test's last word, pass or fail)."""
+        import os
+
+        from tests.support.audit import vmm_processes_of
+
+        self.kill()
+        for pid, _ in vmm_processes_of(self.run_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def rpc(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
         r = self.http.post(self.url + SVC + method, json=body)
         data = r.json()

@@ -8,23 +8,12 @@ import pytest
 
 from metald.core.engine import VmEngine
 from metald.core.errors import AlreadyExists
-from metald.core.models import VmDraft, VmState
+from metald.core.models import VmState
 from metald.core.specs import draft_to_dict
 from metald.store.sqlite import Store
+from tests.support.engine import small_draft
 from tests.support.fakes import FakeBackend, FakeNetwork
 from tests.support.server import make_settings
-
-
-def _draft(image: Path) -> VmDraft:
-    return VmDraft(1, 128 << 20, image / "vmlinuz", None, "console=ttyS0", (), None)
-
-
-@pytest.fixture
-def parts(tmp_path: Path):  # type: ignore[no-untyped-def]
-    settings = make_settings(tmp_path, network_enabled=True)
-    store = Store(settings.db_path)
-    yield settings, store
-    store.close()
 
 
 async def test_interrupted_create_is_rolled_back(parts) -> None:  # type: ignore[no-untyped-def]
@@ -32,7 +21,7 @@ async def test_interrupted_create_is_rolled_back(parts) -> None:  # type: ignore
     network = FakeNetwork()
     # what a crash between the first steps of CreateVm leaves behind
     store.begin_intent("half", "create")
-    store.insert_vm("half", "", 1, b"", draft_to_dict(_draft(settings.image_dir)), "fake", 1, 128 << 20, {})
+    store.insert_vm("half", "", 1, b"", draft_to_dict(small_draft(settings.image_dir)), "fake", 1, 128 << 20, {})
     await network.allocate("half", None)
     engine = VmEngine(settings, store, FakeBackend(), network)
     report = await engine.start()
@@ -44,7 +33,7 @@ async def test_interrupted_delete_is_finished(parts) -> None:  # type: ignore[no
     settings, store = parts
     backend, network = FakeBackend(), FakeNetwork()
     engine = VmEngine(settings, store, backend, network)
-    await engine.create("gone", "", _draft(settings.image_dir), b"")
+    await engine.create("gone", "", small_draft(settings.image_dir), b"")
     store.begin_intent("gone", "delete")
     report = await VmEngine(settings, store, backend, network).reconcile()
     assert report.completed == ["gone"] and store.get_vm("gone") is None
@@ -55,8 +44,8 @@ async def test_running_vm_whose_vmm_died_is_marked_shutdown(parts) -> None:  # t
     settings, store = parts
     backend = FakeBackend()
     engine = VmEngine(settings, store, backend, FakeNetwork())
-    await engine.create("r1", "", _draft(settings.image_dir), b"")
-    await engine.create("r2", "", _draft(settings.image_dir), b"")
+    await engine.create("r1", "", small_draft(settings.image_dir), b"")
+    await engine.create("r2", "", small_draft(settings.image_dir), b"")
     await engine.boot("r1")
     await engine.boot("r2")
     restarted = FakeBackend()
@@ -72,9 +61,9 @@ async def test_duplicate_create_is_refused_before_side_effects(parts) -> None:  
     settings, store = parts
     network = FakeNetwork()
     engine = VmEngine(settings, store, FakeBackend(), network)
-    await engine.create("dup", "", _draft(settings.image_dir), b"")
+    await engine.create("dup", "", small_draft(settings.image_dir), b"")
     with pytest.raises(AlreadyExists):
-        await engine.create("dup", "", _draft(settings.image_dir), b"")
+        await engine.create("dup", "", small_draft(settings.image_dir), b"")
     assert list(network.allocs) == ["dup"]
 
 
@@ -85,7 +74,7 @@ async def test_failed_create_step_leaves_nothing(parts, monkeypatch: pytest.Monk
     for step in ("record", "allocate", "validate", "rundir"):
         monkeypatch.setenv("METALD_FAULTS", f"fail:create.{step}")
         with pytest.raises(Exception, match="injected"):
-            await engine.create("f1", "", _draft(settings.image_dir), b"")
+            await engine.create("f1", "", small_draft(settings.image_dir), b"")
         assert store.get_vm("f1") is None and network.allocs == {} and store.intents() == []
         assert not (settings.run_dir / "f1").exists()
 
@@ -100,7 +89,7 @@ async def test_memory_budget_counts_running_vms_only(tmp_path: Path) -> None:
     store = Store(settings.db_path)
     engine = VmEngine(settings, store, FakeBackend(), None)
     for name in ("m1", "m2", "m3"):  # creating costs no memory
-        await engine.create(name, "", _draft(settings.image_dir), b"")
+        await engine.create(name, "", small_draft(settings.image_dir), b"")
     await engine.boot("m1")
     await engine.boot("m2")
     with pytest.raises(ResourceExhausted, match="held by running VMs"):
