@@ -525,18 +525,7 @@ class FirecrackerBackend:
         totals = vm.metrics.totals
         if totals.lines == 0:
             notes["metrics_file"] = "no metrics written yet"
-        result = VmMetrics(
-            measured=True,
-            net_rx_bytes=totals.net_rx_bytes,
-            net_tx_bytes=totals.net_tx_bytes,
-            net_rx_packets=totals.net_rx_packets,
-            net_tx_packets=totals.net_tx_packets,
-            block_read_bytes=totals.block_read_bytes,
-            block_write_bytes=totals.block_write_bytes,
-            block_read_ops=totals.block_read_ops,
-            block_write_ops=totals.block_write_ops,
-            notes=notes,
-        )
+        result = VmMetrics(measured=True, notes=notes, **totals.counters())
         pid = vm.handle.vmm_pid or vm.handle.pid
         stat = procfs.read_stat(pid)
         if stat is not None:

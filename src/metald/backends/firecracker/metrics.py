@@ -44,6 +44,10 @@ class Totals:
     lines: int = 0
     bad_lines: int = 0
 
+    def counters(self) -> dict[str, int]:
+        """The totals under VmMetrics' field names (the same names as here)."""
+        return {attr: getattr(self, attr) for _, _, attr in _FIELDS}
+
     def add(self, line: dict[str, Any]) -> None:
         for section, key, attr in _FIELDS:
             value = line.get(section, {}).get(key, 0)
