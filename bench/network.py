@@ -44,7 +44,7 @@ from bench.common import (
 from metald.config import Settings
 from metald.core.models import NetworkAllocation
 from metald.core.plan import Plan
-from metald.network import names, netns
+from metald.network import bridges, names, netns
 from metald.network.manager import NetworkManager
 from metald.store.sqlite import Store
 
@@ -287,9 +287,11 @@ def reset_host() -> None:
     for name in netns.list_names():
         if name.startswith("fc-"):
             netns.remove_sync(name)
-    _delete_links("vh_")
+    for prefix in ("vh_", "vbp_", "vbs_", BRIDGE + "-"):  # + metald's extra bridges and their links
+        _delete_links(prefix)
     sh("ip", "link", "del", BRIDGE, check=False)
     sh("nft", "flush", "ruleset", check=False)
+    bridges.forget()
 
 
 # --- the figure ------------------------------------------------------------------------

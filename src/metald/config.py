@@ -23,6 +23,9 @@ class ConfigError(Exception):
     """A setting is invalid; the message names the variable."""
 
 
+MAX_BRIDGE_PORTS = 1023  # BR_MAX_PORTS (1024) minus port number 0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, extra="ignore", case_sensitive=False
@@ -85,6 +88,14 @@ class Settings(BaseSettings):
     network_bridge: str = Field("br-vms", max_length=15, description="Host bridge name")
     network_bridge_ipv4: str = Field("10.100.0.1/16", description="Bridge address/prefix")
     network_vm_subnet_ipv4: str = Field("10.100.0.0/16", description="Pool VM IPs come from")
+    network_vms_per_bridge: int = Field(
+        256,
+        ge=2,
+        le=1022,
+        description="VM addresses per bridge: the subnet is cut into blocks of this many addresses; "
+        "block 0's VMs are ports of the bridge, block n's of <bridge>-<n>, joined to it by a veth pair "
+        "(a Linux bridge holds at most 1023 ports; see docs/scaling.md)",
+    )
     network_dns_servers: str = Field(
         "", description="Comma-separated DNS servers handed to guests"
     )
@@ -212,6 +223,20 @@ class Settings(BaseSettings):
             raise ValueError(
                 "UNKEY_METALD_NETWORK_BRIDGE_IPV4 must lie inside "
                 "UNKEY_METALD_NETWORK_VM_SUBNET_IPV4"
+            )
+        per_bridge = self.network_vms_per_bridge
+        blocks = -(-subnet.num_addresses // per_bridge)
+        if blocks - 1 + per_bridge > MAX_BRIDGE_PORTS:
+            raise ValueError(
+                f"UNKEY_METALD_NETWORK_VMS_PER_BRIDGE={per_bridge} cuts UNKEY_METALD_NETWORK_VM_SUBNET_IPV4 into "
+                f"{blocks} blocks: the bridge would need {blocks - 1} links to the others plus {per_bridge} VM ports, "
+                f"more than a Linux bridge's {MAX_BRIDGE_PORTS}; use a larger value or a smaller subnet"
+            )
+        last = f"{self.network_bridge}-{blocks - 1}"
+        if blocks > 1 and len(last) > 15:
+            raise ValueError(
+                f"UNKEY_METALD_NETWORK_BRIDGE: {self.network_bridge!r} is too long for the names of the extra "
+                f"bridges (up to {last!r}; at most 15 characters)"
             )
         return self
 

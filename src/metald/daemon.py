@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SETTLE_AT_SHUTDOWN_SECONDS = 1.0
+
 
 @dataclass
 class Daemon:
@@ -126,6 +128,9 @@ async def run(settings: Settings) -> None:
         if daemon.metrics is not None:
             await daemon.metrics.stop()
         await daemon.engine.close()
+        settle = getattr(daemon.engine.network, "settle", None)
+        if settle is not None:  # host veths of VMs just deleted, still being destroyed
+            await settle(SETTLE_AT_SHUTDOWN_SECONDS)
         daemon.store.close()
         if tls is not None:
             await tls.close()

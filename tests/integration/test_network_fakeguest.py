@@ -289,6 +289,6 @@ def reset_host() -> None:
     for name in namespaces():
         netns.remove_sync(name)
     for name in host_links():
-        if name.startswith(("vh_", "cl0", "br-vms")):
+        if name.startswith(("vh_", "cl0", "br-vms", "vbp_", "vbs_")):
             run("ip", "link", "del", name, check=False)
     run("nft", "flush", "ruleset", check=False)

@@ -30,7 +30,9 @@ async def test_guide_commands(tmp_path: Path) -> None:
         assert _run("sysctl", "-n", "net.ipv4.ip_forward").strip() == "1"
         nat = _run("iptables", "-t", "nat", "-L", "POSTROUTING", "-n", "-v")
         lines = [line for line in nat.splitlines() if "10.100.0.0" in line]
-        assert len(lines) == 1 and "MASQUERADE" in lines[0], nat
+        # the masquerade, and before it the exemption of the extra bridges' bridged frames
+        assert len(lines) == 2 and "RETURN" in lines[0] and "br-vms-+" in lines[0], nat
+        assert "MASQUERADE" in lines[1] and "!br-vms" in lines[1].replace(" ", ""), nat
         assert "masquerade" in _run("nft", "list", "table", "inet", "metald")
     finally:
         await host.teardown(settings)

@@ -52,7 +52,9 @@ def _vm_links() -> list[str]:
     return [n for n in host_links() if n.startswith(("vh_", "vn_", "tap_"))]
 
 
-def _assert_clean() -> None:
+async def _assert_clean(m: NetworkManager) -> None:
+    # Teardown returns before the kernel has destroyed the veth pairs.
+    assert await m.settle(10)
     assert [n for n in namespaces() if n.startswith("fc-")] == []
     assert _vm_links() == []
     assert all_vm_elements() == []
@@ -82,7 +84,7 @@ async def test_failure_at_each_step_leaves_nothing(
     with pytest.raises(StepFailed) as info:
         await Plan("net", steps).run()
     assert info.value.step == (step if step != "after-last" else "boot")
-    _assert_clean()
+    await _assert_clean(manager)
     await manager.release("vm-fault")
     assert manager.store.ip_of("vm-fault") is None and manager.store.ports_of("vm-fault") == []
     assert manager.store.short_id_of("vm-fault") is None
@@ -97,7 +99,7 @@ async def test_rerun_after_partial_setup_finishes_it(manager: NetworkManager) ->
     assert performed == ["routes", "neighbours", "ratelimit", "firewall", "port_forwards"]
     assert (await Plan("net", manager.setup_steps(alloc)).run()) == ["firewall", "port_forwards"]
     await manager.teardown(alloc)
-    _assert_clean()
+    await _assert_clean(manager)
 
 
 def _fds() -> int:
@@ -123,7 +125,7 @@ async def test_200_vms_concurrently(manager: NetworkManager) -> None:
     started = time.monotonic()
     await asyncio.gather(*(manager.teardown(a) for a in allocs))
     teardown = time.monotonic() - started
-    _assert_clean()
+    await _assert_clean(manager)
     for a in allocs:
         await manager.release(a.namespace[3:])
     for i in range(3):
@@ -177,6 +179,6 @@ async def test_sequential_setup_and_teardown_time(manager: NetworkManager) -> No
         t1 = time.perf_counter()
         await manager.teardown(a)
         setup, teardown = setup + t1 - t0, teardown + time.perf_counter() - t1
-    _assert_clean()
+    await _assert_clean(manager)
     print(f"\nsequential: setup {setup * 1000 / n:.1f} ms/VM, teardown {teardown * 1000 / n:.1f} ms/VM")
     assert (setup + teardown) / n < 0.5

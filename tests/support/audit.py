@@ -13,6 +13,7 @@ import os
 import re
 import sqlite3
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,13 +29,36 @@ def _netns() -> set[str]:
     return {line.split()[0] for line in _run("ip", "netns", "list").splitlines() if line.strip()}
 
 
-def _links() -> set[str]:
-    names = set()
+# A VM's teardown returns before its host veth is gone: the kernel destroys the
+# pair with the namespace, in the background (metald deletes it after a grace
+# period of 2 s if something still holds the namespace).
+IN_FLIGHT_WAIT_SECONDS = 5.0
+
+
+def _link_list() -> tuple[set[str], set[str]]:
+    """(host link names, metald host veths whose VM namespace is gone)."""
+    names, dying = set(), set()
+    namespaces = _netns()
     for line in _run("ip", "-o", "link", "show").splitlines():
         match = re.match(r"\d+: ([^:@]+)", line)
-        if match:
-            names.add(match.group(1))
-    return names
+        if not match:
+            continue
+        names.add(match.group(1))
+        owner = re.search(r"\\\s+alias metald:(\S+)", line)
+        if match.group(1).startswith("vh_") and owner and f"fc-{owner.group(1)}" not in namespaces:
+            dying.add(match.group(1))
+    return names, dying
+
+
+def _links() -> set[str]:
+    """Host links, once the host veths of removed namespaces have vanished (or
+    IN_FLIGHT_WAIT_SECONDS passed: then they are reported)."""
+    deadline = time.monotonic() + IN_FLIGHT_WAIT_SECONDS
+    while True:
+        names, dying = _link_list()
+        if not dying or time.monotonic() >= deadline:
+            return names
+        time.sleep(0.05)
 
 
 def _nft() -> set[str]:

@@ -29,6 +29,9 @@ def test_defaults() -> None:
         ("UNKEY_METALD_NETWORK_BRIDGE_IPV4", "10.200.0.1/16"),
         ("UNKEY_METALD_NETWORK_VM_SUBNET_IPV4", "10.100.0.1/16"),
         ("UNKEY_METALD_OTEL_SAMPLING_RATE", "2"),
+        ("UNKEY_METALD_NETWORK_VMS_PER_BRIDGE", "1023"),
+        ("UNKEY_METALD_NETWORK_VMS_PER_BRIDGE", "16"),  # 4096 blocks of a /16: too many bridges
+        ("UNKEY_METALD_NETWORK_BRIDGE", "br-vms-main-01"),  # no room for "-255"
     ],
 )
 def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:

@@ -107,6 +107,11 @@ def drive_lifecycle(client: ConnectJsonClient, srv: Any) -> None:
     with pytest.raises(RpcFailed) as running:  # RUNNING needs force=true
         client.call("DeleteVm", pb.DeleteVmRequest(vm_id="vm-a"))
     assert running.value.code == "failed_precondition"
+    # refused before the engine: an unknown VM, a malformed id, a bad config
+    for call, request in (("BootVm", pb.BootVmRequest(vm_id="vm-nope")), ("BootVm", pb.BootVmRequest(vm_id="-x")),
+                          ("CreateVm", pb.CreateVmRequest(vm_id="vm-h", config=pb.VmConfig()))):
+        with pytest.raises(RpcFailed):
+            client.call(call, request)
     srv.loop.call_soon_threadsafe(srv.backend.crash, "vm-g")  # SIGKILLed VMM
 
 
@@ -153,7 +158,8 @@ def test_lifecycle_metrics(served: tuple[Any, Metrics, ReconcileReport]) -> None
     ops = {
         ("create", "ok"): 7, ("boot", "ok"): 5, ("pause", "ok"): 2, ("pause", "failed"): 1,
         ("resume", "ok"): 1, ("shutdown", "ok"): 1, ("delete", "ok"): 1, ("delete", "failed"): 1,
-        ("reboot", "ok"): 0, ("boot", "failed"): 0,
+        ("reboot", "ok"): 0, ("boot", "failed"): 0, ("boot", "rejected"): 2, ("create", "rejected"): 1,
+        ("create", "failed"): 0,
     }
     for (operation, outcome), count in ops.items():
         assert value(v, "metald_operations_total", operation=operation, outcome=outcome) == count, operation
@@ -161,6 +167,9 @@ def test_lifecycle_metrics(served: tuple[Any, Metrics, ReconcileReport]) -> None
     assert failures == {
         frozenset({("operation", "pause"), ("reason", "FailedPrecondition")}): 1,
         frozenset({("operation", "delete"), ("reason", "FailedPrecondition")}): 1,
+        frozenset({("operation", "boot"), ("reason", "NotFound")}): 1,
+        frozenset({("operation", "boot"), ("reason", "InvalidArgument")}): 1,
+        frozenset({("operation", "create"), ("reason", "InvalidArgument")}): 1,
     }
     assert value(v, "metald_operation_duration_seconds_count", operation="boot") == 5
     assert value(v, "metald_operation_duration_seconds_count", operation="pause") == 3

@@ -219,3 +219,19 @@ def test_release_frees_everything(tmp_path: Path, store: Store) -> None:
     alloc.release("a")
     assert store.ip_count() == 0 and store.short_ids() == {} and store.used_ports("tcp") == set()
     assert alloc.allocate("b", None).ip == "10.0.0.2"
+
+
+def test_bridge_by_address_block(tmp_path: Path, store: Store) -> None:
+    """Block n of the subnet (UNKEY_METALD_NETWORK_VMS_PER_BRIDGE addresses) is on br-vms-<n>."""
+    alloc = Allocator(_settings(tmp_path), store)  # 256 per bridge: block n is 10.100.n.0/24
+    assert alloc.allocate("vm-1", None).bridge == "br-vms"
+    assert alloc.allocate("vm-2", NicRequest(ipv4="10.100.0.255")).bridge == "br-vms"
+    assert alloc.allocate("vm-3", NicRequest(ipv4="10.100.1.0")).bridge == "br-vms-1"
+    assert alloc.allocate("vm-4", NicRequest(ipv4="10.100.255.254")).bridge == "br-vms-255"
+    small = Allocator(_settings(tmp_path, subnet="10.100.0.0/22", network_vms_per_bridge=3), store)
+    assert [small.bridge_of(f"10.100.0.{i}") for i in (1, 2, 3, 5, 6)] == [
+        "br-vms", "br-vms", "br-vms-1", "br-vms-1", "br-vms-2"]
+    assert names.block_of_bridge("br-vms", "br-vms-12") == 12
+    assert names.block_of_bridge("br-vms", "br-vms") is None
+    assert names.block_of_bridge("br-vms", "br-vms-x") is None
+    assert names.trunk_names(12) == ("vbp_12", "vbs_12")

@@ -96,3 +96,6 @@ def test_allocation_dict_round_trip() -> None:
     import json
 
     assert allocation_from_dict(json.loads(json.dumps(d))) == a
+    # an allocation stored before extra bridges existed: on the main bridge
+    del d["bridge"]
+    assert allocation_from_dict(d).bridge == ""

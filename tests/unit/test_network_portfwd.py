@@ -80,7 +80,7 @@ def test_matches() -> None:
 
 def test_host_ruleset_reflects_settings(tmp_path: Path) -> None:
     text = rules.host_ruleset(Settings(data_dir=tmp_path))  # type: ignore[call-arg]
-    assert 'oifname != "br-vms" ip saddr 10.100.0.0/16 masquerade' in text
+    assert 'oifname != "br-vms" oifname != "br-vms-*" ip saddr 10.100.0.0/16 masquerade' in text
     assert 'iifname "br-vms" oifname "br-vms" counter drop' in text
     assert "th dport { 8080, 9464 } counter drop" in text
     assert "flush chain inet metald forward" in text and "delete" not in text

@@ -30,6 +30,31 @@ async def _send_json(send: Any, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+# After an early answer (a body over the cap), up to this many times the cap is
+# read and dropped so that the client, still sending, gets the answer rather
+# than a reset stream.
+DRAIN_FACTOR = 8
+
+
+class _BodyTracker:
+    """Notes whether the request body was read to its end."""
+
+    def __init__(self, receive: Any) -> None:
+        self._receive = receive
+        self.finished = False
+
+    async def receive(self) -> Any:
+        message = await self._receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.finished = True
+        return message
+
+    async def drain(self, limit: int) -> None:
+        read = 0
+        while not self.finished and read <= limit:
+            read += len((await self.receive()).get("body", b""))
+
+
 # Returns the SPIFFE ID of the connection's verified client certificate, if any.
 PeerIdentity = Callable[[Scope], str | None]
 
@@ -77,10 +102,12 @@ class MetaldApp:
             await self._refuse(scope, send, exc)
             return
         token = caller_var.set(caller)
+        body = _BodyTracker(receive)
         try:
-            await self.connect(scope, receive, send)
+            await self.connect(scope, body.receive, send)
         finally:
             caller_var.reset(token)
+        await body.drain(DRAIN_FACTOR * self.max_request_bytes)
 
     def _caller(self, scope: Scope) -> Any:
         if self.peer_identity is not None:

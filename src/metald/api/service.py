@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from connectrpc.request import RequestContext
@@ -17,6 +19,16 @@ from metald.gen.metal.vmprovisioner.v1 import vm_pb2 as pb
 T = TypeVar("T")
 
 
+# Set once a request reaches the engine, which reports its operations itself.
+_in_engine: ContextVar[bool] = ContextVar("metald_in_engine", default=False)
+
+
+async def _engine(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Call an engine operation (its arguments, validated, are evaluated before this runs)."""
+    _in_engine.set(True)
+    return await fn(*args)
+
+
 async def _guard(call: Callable[[], Awaitable[T]]) -> T:
     try:
         return await call()
@@ -28,6 +40,20 @@ class VmServiceImpl:
     def __init__(self, engine: VmEngine, settings: Settings) -> None:
         self.engine = engine
         self.settings = settings
+
+    async def _operation(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Like :func:`_guard`; a call refused before it reaches the engine (bad
+        input, unknown or invisible VM) is reported to the engine's operation
+        observers as "rejected", so that metrics count every call."""
+        _in_engine.set(False)
+        started = time.monotonic()
+        try:
+            return await call()
+        except Exception as exc:
+            if not _in_engine.get():
+                for observer in self.engine.operation_observers:
+                    observer(operation, "rejected", time.monotonic() - started, exc)
+            raise to_connect(exc) from exc
 
     def _vm(self, vm_id: str) -> str:
         """Validate the id and check the caller may see the VM (else not_found)."""
@@ -47,30 +73,30 @@ class VmServiceImpl:
                 # Another tenant's id: refuse without saying whose it is.
                 raise PermissionDenied(f"vm_id {vm_id} cannot be used")
             draft = validate.vm_config(request.config, self.settings, request.HasField("config"))
-            row = await self.engine.create(
-                vm_id, customer, draft, request.config.SerializeToString(deterministic=True)
+            row = await _engine(
+                self.engine.create, vm_id, customer, draft, request.config.SerializeToString(deterministic=True)
             )
             return pb.CreateVmResponse(vm_id=row.vm_id, state=row.state)  # type: ignore[arg-type]
 
-        return await _guard(call)
+        return await self._operation("create", call)
 
     async def delete_vm(
         self, request: pb.DeleteVmRequest, ctx: RequestContext[Any, Any]
     ) -> pb.DeleteVmResponse:
         async def call() -> pb.DeleteVmResponse:
-            await self.engine.delete(self._vm(request.vm_id), request.force)
+            await _engine(self.engine.delete, self._vm(request.vm_id), request.force)
             return pb.DeleteVmResponse(success=True)
 
-        return await _guard(call)
+        return await self._operation("delete", call)
 
     async def boot_vm(
         self, request: pb.BootVmRequest, ctx: RequestContext[Any, Any]
     ) -> pb.BootVmResponse:
         async def call() -> pb.BootVmResponse:
-            state = await self.engine.boot(self._vm(request.vm_id))
+            state = await _engine(self.engine.boot, self._vm(request.vm_id))
             return pb.BootVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
 
-        return await _guard(call)
+        return await self._operation("boot", call)
 
     async def shutdown_vm(
         self, request: pb.ShutdownVmRequest, ctx: RequestContext[Any, Any]
@@ -78,37 +104,37 @@ class VmServiceImpl:
         async def call() -> pb.ShutdownVmResponse:
             timeout = validate.shutdown_timeout(request.timeout_seconds)
             vm_id = self._vm(request.vm_id)
-            state = await self.engine.shutdown(vm_id, request.force, timeout)
+            state = await _engine(self.engine.shutdown, vm_id, request.force, timeout)
             return pb.ShutdownVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
 
-        return await _guard(call)
+        return await self._operation("shutdown", call)
 
     async def pause_vm(
         self, request: pb.PauseVmRequest, ctx: RequestContext[Any, Any]
     ) -> pb.PauseVmResponse:
         async def call() -> pb.PauseVmResponse:
-            state = await self.engine.pause(self._vm(request.vm_id))
+            state = await _engine(self.engine.pause, self._vm(request.vm_id))
             return pb.PauseVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
 
-        return await _guard(call)
+        return await self._operation("pause", call)
 
     async def resume_vm(
         self, request: pb.ResumeVmRequest, ctx: RequestContext[Any, Any]
     ) -> pb.ResumeVmResponse:
         async def call() -> pb.ResumeVmResponse:
-            state = await self.engine.resume(self._vm(request.vm_id))
+            state = await _engine(self.engine.resume, self._vm(request.vm_id))
             return pb.ResumeVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
 
-        return await _guard(call)
+        return await self._operation("resume", call)
 
     async def reboot_vm(
         self, request: pb.RebootVmRequest, ctx: RequestContext[Any, Any]
     ) -> pb.RebootVmResponse:
         async def call() -> pb.RebootVmResponse:
-            state = await self.engine.reboot(self._vm(request.vm_id), request.force)
+            state = await _engine(self.engine.reboot, self._vm(request.vm_id), request.force)
             return pb.RebootVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
 
-        return await _guard(call)
+        return await self._operation("reboot", call)
 
     async def get_vm_info(
         self, request: pb.GetVmInfoRequest, ctx: RequestContext[Any, Any]

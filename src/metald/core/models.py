@@ -50,6 +50,7 @@ class NetworkAllocation:
     port_forwards: tuple[PortForward, ...] = ()
     rx_rate_limit: RateLimit | None = None
     tx_rate_limit: RateLimit | None = None
+    bridge: str = ""  # the bridge vh_ is a port of; "" (allocations older than extra bridges): the main one
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,8 @@ class Allocator:
         self.ips = Ipv4Pool(self.subnet, {bridge.ip})
         self.ports = PortPool(*settings.port_range)
         self.dns = parse_dns(settings.network_dns_servers)
+        self.main_bridge = settings.network_bridge
+        self.vms_per_bridge = settings.network_vms_per_bridge
 
     def _claim_short_id(self, vm_id: str) -> str:
         held = self.store.short_id_of(vm_id)
@@ -132,7 +134,13 @@ class Allocator:
             port_forwards=tuple(port_forwards),
             rx_rate_limit=rx,
             tx_rate_limit=tx,
+            bridge=self.bridge_of(ip),
         )
+
+    def bridge_of(self, ip: str) -> str:
+        """The bridge a VM with address ``ip`` is a port of (see names.bridge_block)."""
+        block = names.bridge_block(ip, int(self.subnet.network_address), self.vms_per_bridge)
+        return names.extra_bridge(self.main_bridge, block)
 
     def release(self, vm_id: str) -> None:
         """Free the VM's IP, host ports and short id in the store."""
@@ -161,6 +169,7 @@ def allocation_to_dict(alloc: NetworkAllocation) -> dict[str, Any]:
         "gateway": alloc.gateway,
         "mac": alloc.mac,
         "dns_servers": list(alloc.dns_servers),
+        "bridge": alloc.bridge,
         "port_forwards": [
             {"guest_port": p.guest_port, "host_port": p.host_port, "protocol": p.protocol}
             for p in alloc.port_forwards
@@ -195,4 +204,5 @@ def allocation_from_dict(d: dict[str, Any]) -> NetworkAllocation:
         ),
         rx_rate_limit=limit(d.get("rx_rate_limit")),
         tx_rate_limit=limit(d.get("tx_rate_limit")),
+        bridge=d.get("bridge", ""),
     )

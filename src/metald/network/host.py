@@ -18,7 +18,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from metald.config import Settings
 from metald.core.errors import BackendError
-from metald.network import iptables_view, names, netns, nft, rules
+from metald.network import bridges, iptables_view, names, netns, nft, rules
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ async def setup(settings: Settings) -> None:
     if changed:
         log.info("raised neighbour table limits: %s", ", ".join(changed))
     await netns.run(None, _ensure_bridge, settings)
+    bridges.forget()  # extra bridges are checked again when their VMs are
     script = rules.host_ruleset(settings)
     try:
         await nft.run(script)
@@ -146,9 +147,10 @@ def _delete_bridge(name: str) -> None:
 
 
 async def teardown(settings: Settings) -> None:
-    """Remove metald's nft tables and the bridge (for cleanup with no VMs left)."""
+    """Remove metald's nft tables and the bridges (for cleanup with no VMs left)."""
     await nft.run(rules.delete_tables_script())
     await iptables_view.remove(settings)
+    await netns.run(None, bridges.remove_all, settings.network_bridge)
     await netns.run(None, _delete_bridge, settings.network_bridge)
 
 

@@ -1,11 +1,11 @@
-"""The guide's view of NAT: one masquerade rule in iptables' nat POSTROUTING.
+"""The guide's view of NAT: a masquerade rule in iptables' nat POSTROUTING.
 
 metald's NAT lives in its own nftables table (``inet metald``). The root
 deployment guide checks NAT with ``iptables -t nat -L POSTROUTING -n -v | grep
-10.100.0.0``, which only lists iptables' own tables; so metald also keeps one
-equivalent, commented masquerade rule there. Both match the same traffic and
+10.100.0.0``, which only lists iptables' own tables; so metald also keeps an
+equivalent, commented masquerade rule there (and the exemption its nft rule has). Both match the same traffic and
 NAT is decided once per connection, so the duplicate changes nothing on the
-wire. The rule is added once (checked with ``-C``) and removed on teardown.
+wire. The rules are added once (checked with ``-C``) and removed on teardown.
 """
 
 from __future__ import annotations
@@ -20,10 +20,14 @@ log = logging.getLogger(__name__)
 COMMENT = "metald: VM subnet NAT (see nft list table inet metald)"
 
 
-def _rule(settings: Settings) -> list[str]:
+def _rules(settings: Settings) -> list[tuple[str, list[str]]]:
+    """(how to add, rule) pairs. Extra bridges (network/bridges.py) carry VM
+    traffic at layer 2 only: with br_netfilter their frames pass here too, so
+    they are exempted first (``-I``: before any other rule)."""
+    subnet, comment = settings.network_vm_subnet_ipv4, ["-m", "comment", "--comment", COMMENT]
     return [
-        "POSTROUTING", "-s", settings.network_vm_subnet_ipv4, "!", "-o", settings.network_bridge,
-        "-m", "comment", "--comment", COMMENT, "-j", "MASQUERADE",
+        ("-I", ["POSTROUTING", "-s", subnet, "-o", settings.network_bridge + "-+", *comment, "-j", "RETURN"]),
+        ("-A", ["POSTROUTING", "-s", subnet, "!", "-o", settings.network_bridge, *comment, "-j", "MASQUERADE"]),
     ]
 
 
@@ -39,16 +43,17 @@ async def _iptables(*args: str) -> int:
 
 
 async def ensure(settings: Settings) -> None:
-    """Add the rule unless it is there (idempotent); no iptables means nothing to show."""
-    rule = _rule(settings)
-    if await _iptables("-C", *rule) == 0:
-        return
-    if await _iptables("-A", *rule) != 0:
-        log.warning("could not add the iptables view of metald's NAT (iptables -t nat)")
+    """Add the rules unless they are there (idempotent); no iptables means nothing to show."""
+    for how, rule in _rules(settings):
+        if await _iptables("-C", *rule) == 0:
+            continue
+        if await _iptables(how, *rule) != 0:
+            log.warning("could not add the iptables view of metald's NAT (iptables -t nat)")
+            return
 
 
 async def remove(settings: Settings) -> None:
-    rule = _rule(settings)
-    while await _iptables("-C", *rule) == 0:
-        if await _iptables("-D", *rule) != 0:
-            break
+    for _, rule in _rules(settings):
+        while await _iptables("-C", *rule) == 0:
+            if await _iptables("-D", *rule) != 0:
+                break

@@ -11,13 +11,14 @@ from pyroute2.netlink.exceptions import NetlinkError
 from metald.config import Settings
 from metald.core.models import NetworkAllocation, NicRequest
 from metald.core.plan import Step
-from metald.network import allocation, guest, host, names, netns, nft, rules, vm
+from metald.network import allocation, bridges, guest, host, names, netns, nft, rules, vm
 from metald.network.reaper import LinkReaper
 from metald.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 
 NUD_PERMANENT = 0x80
+AF_BRIDGE = 7
 
 
 class NetworkManager:
@@ -67,8 +68,14 @@ class NetworkManager:
         return vm.steps(self._vm(alloc, owner_uid, owner_gid), self._reaper, self._batcher)
 
     async def teardown(self, alloc: NetworkAllocation) -> None:
-        """Namespace, host neighbour entry, then host veth and nft elements."""
+        """Namespace, host neighbour entry and nft elements; the kernel destroys
+        the veth pair in the background (see :meth:`settle`)."""
         await vm.teardown(self._vm(alloc), self._reaper, self._batcher)
+
+    async def settle(self, timeout: float = 10.0) -> bool:
+        """Wait until the host veths of torn-down VMs are gone (False: ``timeout``
+        passed first)."""
+        return await self._reaper.settle(timeout)
 
     async def tap_counters(self, alloc: NetworkAllocation) -> tuple[int, int, int, int]:
         """(rx_bytes, tx_bytes, rx_packets, tx_packets) from the guest's view."""
@@ -98,7 +105,7 @@ class NetworkManager:
                 if vm_id in ip_of:
                     ports[(host_port, proto)] = f"{ip_of[vm_id]} . {guest_port}"
         removed = await netns.run(
-            None, _sweep_links, self.settings.network_bridge, known_vm_ids, shorts, ips
+            None, _sweep_links, self.settings.network_bridge, known_vm_ids, shorts, ips, self._reaper.pending()
         )
         removed += await self._sweep_elements(shorts, ips, ports)
         return removed
@@ -124,14 +131,17 @@ class NetworkManager:
         return [f"nft {e.family} {e.table} {e.set} {{ {e.text()} }}" for e in stale]
 
 
-def _sweep_links(bridge: str, known: set[str], shorts: set[str], ips: set[str]) -> list[str]:
+def _sweep_links(
+    bridge: str, known: set[str], shorts: set[str], ips: set[str], reaping: set[str]
+) -> list[str]:
+    """``reaping``: host veths of torn-down VMs the reaper already watches."""
     removed = []
     ipr = netns.host_ipr()
     # Listed before namespaces go: removing one also removes its veth pair, later.
     stale_links = []
     for link in ipr.get_links():
         ifname = link.get_attr("IFLA_IFNAME") or ""
-        if not ifname.startswith(names.HOST_VETH_PREFIX):
+        if not ifname.startswith(names.HOST_VETH_PREFIX) or ifname in reaping:
             continue
         alias = link.get_attr("IFLA_IFALIAS") or ""
         owner = alias[len(vm.IFALIAS_PREFIX) :] if alias.startswith(vm.IFALIAS_PREFIX) else None
@@ -149,6 +159,7 @@ def _sweep_links(bridge: str, known: set[str], shorts: set[str], ips: set[str]) 
             if exc.code != errno.ENODEV:
                 raise
         removed.append(f"link {ifname}")
+    removed += _sweep_trunk_entries(ipr, {names.ns_veth_mac(s) for s in shorts})
     found = ipr.link_lookup(ifname=bridge)
     if found:
         for n in ipr.get_neighbours(family=2, ifindex=found[0]):
@@ -160,6 +171,29 @@ def _sweep_links(bridge: str, known: set[str], shorts: set[str], ips: set[str]) 
                     if exc.code not in (errno.ENOENT, errno.ESRCH):
                         raise
                 removed.append(f"neigh {dst} dev {bridge}")
+    return removed
+
+
+def _sweep_trunk_entries(ipr: Any, known_macs: set[str]) -> list[str]:
+    """Static FDB entries on the main bridge's ports towards extra bridges
+    (bridges.py) whose VM is gone."""
+    trunks = {
+        link["index"]: link.get_attr("IFLA_IFNAME")
+        for link in ipr.get_links()
+        if (link.get_attr("IFLA_IFNAME") or "").startswith(names.TRUNK_MAIN_PREFIX)
+    }
+    removed = []
+    if not trunks:
+        return removed
+    for entry in ipr.get_neighbours(family=AF_BRIDGE):
+        mac = entry.get_attr("NDA_LLADDR")
+        if entry["ifindex"] in trunks and entry["state"] & bridges.NUD_NOARP and mac not in known_macs:
+            try:
+                ipr.fdb("del", ifindex=entry["ifindex"], lladdr=mac, flags=bridges.NTF_MASTER)
+            except NetlinkError as exc:
+                if exc.code not in (errno.ENOENT, errno.ENODEV):
+                    raise
+            removed.append(f"fdb {mac} dev {trunks[entry['ifindex']]}")
     return removed
 
 

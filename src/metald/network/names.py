@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import re
 from collections.abc import Iterator
 
@@ -24,6 +25,10 @@ NAMESPACE_PREFIX = "fc-"
 HOST_VETH_PREFIX = "vh_"
 NS_VETH_PREFIX = "vn_"
 TAP_PREFIX = "tap_"
+# The veth pair joining an extra bridge <bridge>-<n> to the main bridge:
+# vbp_<n> is a port of the main bridge, vbs_<n> a port of <bridge>-<n>.
+TRUNK_MAIN_PREFIX = "vbp_"
+TRUNK_EXTRA_PREFIX = "vbs_"
 IFNAMSIZ = 15  # usable bytes of a Linux interface name
 MAX_VM_ID_LEN = 64
 MAX_SHORT_ID_CANDIDATES = 16
@@ -108,3 +113,38 @@ def ns_veth_mac(short: str) -> str:
 def bridge_mac(bridge: str) -> str:
     """Fixed bridge MAC, so the gateway MAC does not change as ports come and go."""
     return _mac(0x02, hashlib.sha256(f"metald-bridge:{bridge}".encode()).digest())
+
+
+# --- bridges -----------------------------------------------------------------------
+#
+# A Linux bridge holds at most 1023 ports and does work over all its ports when
+# one is added or goes up, so VMs are spread over bridges by address: the VM
+# subnet is cut into blocks of ``vms_per_bridge`` addresses; block 0's VMs are
+# ports of the main bridge, block n's of ``<bridge>-<n>``, which has no address
+# and reaches the main bridge over the veth pair ``vbs_<n>``/``vbp_<n>`` (one
+# layer-2 segment: the gateway address, the NAT and the host's routes stay on
+# the main bridge).
+
+
+def bridge_block(ip: str, subnet_first: int, vms_per_bridge: int) -> int:
+    """The block of the VM subnet ``ip`` lies in (subnet_first: the subnet's
+    network address as an int)."""
+    return (int(ipaddress.IPv4Address(ip)) - subnet_first) // vms_per_bridge
+
+
+def extra_bridge(main: str, block: int) -> str:
+    """The bridge of block ``block`` (the main bridge for block 0)."""
+    return main if block == 0 else f"{main}-{block}"
+
+
+def block_of_bridge(main: str, name: str) -> int | None:
+    """Inverse of :func:`extra_bridge` for extra bridges (None for any other name)."""
+    prefix = main + "-"
+    if name.startswith(prefix) and name[len(prefix) :].isdigit():
+        return int(name[len(prefix) :])
+    return None
+
+
+def trunk_names(block: int) -> tuple[str, str]:
+    """(port on the main bridge, port on bridge ``block``) of the joining veth pair."""
+    return f"{TRUNK_MAIN_PREFIX}{block}", f"{TRUNK_EXTRA_PREFIX}{block}"

@@ -292,6 +292,21 @@ def sysctl_dir() -> Iterator[int]:
         os.close(fd)
 
 
+_host_net_dir: list[int] = []
+
+
+def host_sysctl_dir() -> int:
+    """/proc/sys/net of the process's own namespace, opened once and kept (so
+    that a host sysctl costs no lookup of /proc/sys/net: see :func:`sysctl_dir`).
+    The first call must come from a thread that is at home."""
+    with _dir_lock:
+        if not _host_net_dir:
+            if getattr(_local, "depth", 0) or getattr(_local, "away", False):
+                raise RuntimeError("host_sysctl_dir() first called from inside another namespace")
+            _host_net_dir.append(os.open("/proc/sys/net", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        return _host_net_dir[0]
+
+
 def _sysctl_path(key: str, net_dir: int | None) -> str:
     path = key.replace(".", "/") if "/" not in key else key
     if net_dir is not None:

@@ -39,8 +39,10 @@ NLA_TYPE_MASK = 0x3FFF
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
+RTM_SETNEIGHTBL = 67
+RTM_NEWNETCONF, RTM_GETNETCONF = 80, 82
 
-AF_UNSPEC, AF_INET, AF_BRIDGE = 0, 2, 7
+AF_UNSPEC, AF_INET, AF_BRIDGE, AF_INET6 = 0, 2, 7, 10
 IFF_UP = 0x1
 RTPROT_BOOT = 3
 RTN_UNICAST = 1
@@ -50,7 +52,17 @@ RT_TABLE_MAIN = 254
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU = 1, 3, 4
 IFLA_STATS, IFLA_MASTER, IFLA_PROTINFO = 7, 10, 12
 IFLA_OPERSTATE, IFLA_LINKINFO = 16, 18
-IFLA_IFALIAS, IFLA_STATS64, IFLA_GROUP, IFLA_NET_NS_FD = 20, 23, 27, 28
+IFLA_IFALIAS, IFLA_STATS64, IFLA_AF_SPEC, IFLA_GROUP, IFLA_NET_NS_FD = 20, 23, 26, 27, 28
+IFLA_INET_CONF = 1  # in IFLA_AF_SPEC/AF_INET: IPV4_DEVCONF_* values (set: nested u32s; get: an array)
+IFLA_INET6_ADDR_GEN_MODE = 8  # in IFLA_AF_SPEC/AF_INET6 (u8)
+IN6_ADDR_GEN_MODE_NONE = 1
+# IPV4_DEVCONF_* (linux/ip.h): per-device IPv4 settings, the same values as
+# /proc/sys/net/ipv4/conf/<dev>/..., settable over netlink
+IPV4_DEVCONF_FORWARDING, IPV4_DEVCONF_PROXY_ARP, IPV4_DEVCONF_RP_FILTER = 1, 3, 8
+NETCONFA_IFINDEX, NETCONFA_FORWARDING, NETCONFA_RP_FILTER = 1, 2, 3
+NETCONFA_IFINDEX_ALL = -1
+NDTA_NAME, NDTA_PARMS = 1, 6
+NDTPA_IFINDEX, NDTPA_PROXY_DELAY = 1, 13
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
 IFLA_BRPORT_MODE = 4
@@ -63,6 +75,8 @@ _IFINFOMSG = struct.Struct("=BxHiII")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _NDMSG = struct.Struct("=BBHiHBB")
 _NLA = struct.Struct("=HH")
+_NDTMSG = struct.Struct("=BxH")
+_NETCONFMSG = struct.Struct("=B3x")
 _STATS_FIELDS = (
     "rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "rx_errors", "tx_errors",
     "rx_dropped", "tx_dropped", "multicast", "collisions",
@@ -183,12 +197,25 @@ def _parse_link(body: bytes) -> Msg:
         attrs["IFLA_IFALIAS"] = _cstr(a[IFLA_IFALIAS])
     if IFLA_LINKINFO in a:
         attrs["IFLA_LINKINFO"] = _linkinfo(a[IFLA_LINKINFO])
+    if IFLA_AF_SPEC in a:
+        inet = _attrs(a[IFLA_AF_SPEC]).get(AF_INET)
+        conf = _attrs(inet).get(IFLA_INET_CONF) if inet is not None else None
+        if conf is not None:  # a plain u32 array: entry i is IPV4_DEVCONF_* number i + 1
+            values = struct.unpack_from(f"={len(conf) // 4}I", conf)
+            attrs["IFLA_INET_CONF"] = {i + 1: value for i, value in enumerate(values)}
     if IFLA_STATS64 in a:
         attrs["IFLA_STATS64"] = _stats(a[IFLA_STATS64], "Q")
     if IFLA_STATS in a:
         attrs["IFLA_STATS"] = _stats(a[IFLA_STATS], "I")
     fields = {"family": family, "ifi_type": kind, "index": index, "flags": flags}
     return Msg(fields, attrs)
+
+
+def _parse_netconf(body: bytes) -> Msg:
+    a = _attrs(body, _NETCONFMSG.size)
+    attrs = {name: _u32_of(a[key]) for key, name in ((NETCONFA_FORWARDING, "forwarding"),
+                                                       (NETCONFA_RP_FILTER, "rp_filter")) if key in a}
+    return Msg({"family": body[0]}, attrs)
 
 
 def _parse_route(body: bytes) -> Msg:
@@ -225,6 +252,7 @@ _PARSERS = {
     RTM_NEWLINK: _parse_link,
     RTM_NEWROUTE: _parse_route,
     RTM_NEWNEIGH: _parse_neigh,
+    RTM_NEWNETCONF: _parse_netconf,
 }
 
 
@@ -325,6 +353,15 @@ class Rtnl:
             parts.append(_str(IFLA_IFALIAS, kw["ifalias"]))
         if kw.get("net_ns_fd") is not None:
             parts.append(_u32(IFLA_NET_NS_FD, kw["net_ns_fd"]))
+        af_spec = []
+        if kw.get("inet_conf"):
+            conf = b"".join(_u32(key, value) for key, value in sorted(kw["inet_conf"].items()))
+            af_spec.append(_nested(AF_INET, _nested(IFLA_INET_CONF, conf)))
+        if kw.get("inet6_addr_gen_mode") is not None:
+            mode = _attr(IFLA_INET6_ADDR_GEN_MODE, struct.pack("=B", kw["inet6_addr_gen_mode"]))
+            af_spec.append(_nested(AF_INET6, mode))
+        if af_spec:
+            parts.append(_nested(IFLA_AF_SPEC, *af_spec))
         kind = kw.get("kind")
         if kind:
             info = [_str(IFLA_INFO_KIND, kind)]
@@ -410,16 +447,42 @@ class Rtnl:
         flags = {"add": NLM_F_CREATE | NLM_F_EXCL, "replace": NLM_F_CREATE | NLM_F_REPLACE}[command]
         return self.request(RTM_NEWNEIGH, flags, b"".join(parts))
 
-    def fdb(self, command: str, ifindex: int, lladdr: str, state: int, flags: int = 0) -> list[Msg]:
-        """A bridge forwarding-database entry (``bridge fdb replace``)."""
+    def fdb(self, command: str, ifindex: int, lladdr: str, state: int = 0, flags: int = 0) -> list[Msg]:
+        """A bridge forwarding-database entry of port ``ifindex`` (``bridge fdb
+        replace|del|get``; get answers the entry or raises ENOENT)."""
+        if command == "get":
+            body = _NDMSG.pack(AF_BRIDGE, 0, 0, ifindex, 0, flags, 0) + _attr(NDA_LLADDR, _mac(lladdr))
+            return self._get(RTM_GETNEIGH, body)
+        body = _NDMSG.pack(AF_BRIDGE, 0, 0, ifindex, state, flags, 0) + _attr(NDA_LLADDR, _mac(lladdr))
+        if command == "del":
+            return self.request(RTM_DELNEIGH, 0, body)
         if command != "replace":
             raise ValueError(f"unsupported fdb command {command!r}")
-        body = _NDMSG.pack(AF_BRIDGE, 0, 0, ifindex, state, flags, 0) + _attr(NDA_LLADDR, _mac(lladdr))
         return self.request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, body)
 
     def get_neighbours(self, family: int = AF_INET, ifindex: int | None = None) -> list[Msg]:
         found = self.request(RTM_GETNEIGH, NLM_F_DUMP, _NDMSG.pack(family, 0, 0, 0, 0, 0, 0))
         return [n for n in found if ifindex is None or n["ifindex"] == ifindex]
+
+    # --- per-namespace and per-device settings -----------------------------------
+    def netconf(self, ifindex: int = NETCONFA_IFINDEX_ALL) -> dict[str, int]:
+        """IPv4 ``forwarding`` and ``rp_filter`` of a device or of ``all`` (the
+        default), as ``/proc/sys/net/ipv4/conf/<dev>/`` shows them."""
+        body = _NETCONFMSG.pack(AF_INET) + _attr(NETCONFA_IFINDEX, struct.pack("=i", ifindex))
+        out: dict[str, int] = {}
+        for msg in self._get(RTM_GETNETCONF, body):
+            out.update(msg.attrs)
+        return out
+
+    def set_proxy_delay(self, ifindex: int, delay_ms: int) -> list[Msg]:
+        """ARP ``proxy_delay`` of one device (``net/ipv4/neigh/<dev>/proxy_delay``)."""
+        parms = _nested(
+            NDTA_PARMS,
+            _u32(NDTPA_IFINDEX, ifindex),
+            _attr(NDTPA_PROXY_DELAY, struct.pack("=Q", delay_ms)),
+        )
+        body = _NDTMSG.pack(AF_INET, 0) + _str(NDTA_NAME, "arp_cache") + parms
+        return self.request(RTM_SETNEIGHTBL, 0, body)
 
     # --- helpers ---------------------------------------------------------------
     def _get(self, kind: int, body: bytes) -> list[Msg]:

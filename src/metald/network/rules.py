@@ -105,7 +105,9 @@ def host_ruleset(settings: Settings) -> str:
         "post_nat",
         f"oifname {br} ct status dnat ip saddr {{ 127.0.0.0/8, {subnet} }} masquerade",
     )
-    rule("inet", "post_nat", f"oifname != {br} ip saddr {subnet} masquerade")
+    # (with br_netfilter, frames bridged on an extra bridge pass here too, out of that bridge)
+    extra = _q(settings.network_bridge + "-*")
+    rule("inet", "post_nat", f"oifname != {br} oifname != {extra} ip saddr {subnet} masquerade")
     rule("inet", "input", f"iifname {br} ct state established,related accept")
     if not settings.network_allow_vm_to_host:
         rule("inet", "input", f"iifname {br} meta l4proto {{ tcp, udp }} th dport {port_set} "
@@ -120,15 +122,19 @@ def host_ruleset(settings: Settings) -> str:
     rule("inet", "forward", f"oifname {br} counter drop")
 
     vh = f'"{names.HOST_VETH_PREFIX}*"'
+    vbp = f'"{names.TRUNK_MAIN_PREFIX}*"'
     rule("bridge", "prerouting", f"iifname {vh} jump from_vm")
-    # No frame goes from one VM port to another (the namespaces always talk to
-    # the gateway MAC, so VM->VM traffic is routed and filtered above)...
+    # No frame goes from one VM port to another, nor, on the main bridge, to or
+    # from the links to the extra bridges (bridges.py): the namespaces always
+    # talk to the gateway MAC, so VM->VM traffic is routed and filtered above...
     # except when br_netfilter is active: a frame addressed to a host address
     # and DNATed to a VM (a forwarded port, used from a VM) is then bridged
     # rather than routed. Those frames carry TO_HOST_MARK.
-    rule("bridge", "forward", f"iifname {vh} oifname {vh} meta mark & {TO_HOST_MARK:#010x} "
-         f"== {TO_HOST_MARK:#010x} accept")
-    rule("bridge", "forward", f"iifname {vh} oifname {vh} counter drop")
+    for src in (vh, vbp):
+        for dst in (vh, vbp):
+            rule("bridge", "forward", f"iifname {src} oifname {dst} meta mark & {TO_HOST_MARK:#010x} "
+                 f"== {TO_HOST_MARK:#010x} accept")
+            rule("bridge", "forward", f"iifname {src} oifname {dst} counter drop")
     rule("bridge", "from_vm", "ether type ip iifname . ether saddr . ip saddr @vm_src accept")
     rule(
         "bridge",

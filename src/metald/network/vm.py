@@ -28,7 +28,6 @@ them.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import logging
@@ -43,7 +42,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from metald.core.errors import BackendError, ResourceExhausted
 from metald.core.models import NetworkAllocation, RateLimit
 from metald.core.plan import Step
-from metald.network import names, netns, nft, rules, tc
+from metald.network import bridges, names, netns, nft, rtnl, rules, tc
 from metald.network.reaper import LinkReaper
 from metald.network.rtnl import Rtnl
 
@@ -98,7 +97,13 @@ class VmNet:
 
     @property
     def bridge_mac(self) -> str:
+        """The gateway's MAC: the main bridge's."""
         return names.bridge_mac(self.bridge)
+
+    @property
+    def port_bridge(self) -> str:
+        """The bridge ``vh_`` is a port of (the main one or an extra one: bridges.py)."""
+        return self.alloc.bridge or self.bridge
 
 
 def vm_id_of(alloc: NetworkAllocation) -> str:
@@ -142,37 +147,57 @@ def _delete_link(ipr: Rtnl, ifname: str) -> bool:
     return True
 
 
-# --- netns ---------------------------------------------------------------------
+# --- netns ----------------------------------------------------------------------
+#
+# A namespace's IPv4 settings are made per device over netlink (IFLA_INET_CONF,
+# the neighbour table's proxy_delay), not through /proc/sys/net: looking that
+# directory up costs the kernel time proportional to the number of namespaces
+# that ever used it (one "net" dentry each, all with the same name), about
+# 1 ms per lookup with 1000 VMs here. Forwarding and rp_filter work per input
+# device (rp_filter: the larger of "all" and the device's), so the namespace's
+# devices carry them; IPv6 gets no address on them (address generation "none")
+# and is not forwarded (a new namespace's IPv6 forwarding is off).
 
-NS_SYSCTLS = (
-    ("net/ipv4/ip_forward", "1"),
-    ("net/ipv4/conf/all/rp_filter", "1"),  # strict: only the VM IP may enter on tap_
-    ("net/ipv4/conf/default/rp_filter", "1"),
-    ("net/ipv6/conf/all/disable_ipv6", "1"),
-    ("net/ipv6/conf/default/disable_ipv6", "1"),
-)
+DEVICE_CONF = {rtnl.IPV4_DEVCONF_FORWARDING: 1, rtnl.IPV4_DEVCONF_RP_FILTER: 1}  # strict: only the VM IP enters
+
+
+def _ns_conf_ready(ipr: Rtnl) -> bool:
+    """The namespace's "all" rp_filter lets the devices' strict value apply."""
+    return ipr.netconf().get("rp_filter", 0) <= 1
 
 
 def _netns_ready(v: VmNet) -> bool:
     if not netns.exists(v.ns):
         return False
-    with netns.entered(v.ns):
-        return netns.read_sysctl("net/ipv4/ip_forward") == "1"
+    with netns.entered(v.ns), netns.ns_ipr() as nipr:
+        return _ns_conf_ready(nipr)
 
 
 def _netns_create(v: VmNet) -> None:
     v.run.fresh_ns = netns.create_sync(v.ns)
-    with netns.entered(v.ns), netns.sysctl_dir() as net:
-        for key, value in NS_SYSCTLS:
-            # A new namespace inherits IPv4's all/default settings from the host's
-            # (ip_forward is on where metald runs): writing forwarding takes the
-            # RTNL lock, so only what differs is written.
-            if netns.read_sysctl(key, net) != value:
-                netns.write_sysctl(key, value, missing_ok=key.startswith("net/ipv6"), net_dir=net)
+    with netns.entered(v.ns), netns.ns_ipr() as nipr:
+        # inherited from the host: loose (2) there would make the devices' strict value moot
+        if not _ns_conf_ready(nipr):
+            netns.write_sysctl("net/ipv4/conf/all/rp_filter", "1")
 
 
 def _netns_remove(v: VmNet) -> None:
     netns.remove_sync(v.ns)
+
+
+def _conf_ready(link: Any | None, wanted: dict[int, int]) -> bool:
+    conf = link.get_attr("IFLA_INET_CONF") if link is not None else None
+    return conf is not None and all(conf.get(key) == value for key, value in wanted.items())
+
+
+def _configure_device(ipr: Rtnl, ifname: str) -> None:
+    """Per-device IPv4 settings and no IPv6 address, then up (the order matters:
+    an IPv6 link-local address is made when a device goes up)."""
+    idx = netns.ifindex(ifname)
+    if idx is None:
+        raise BackendError(f"{ifname} vanished after creation")
+    ipr.link("set", index=idx, inet_conf=DEVICE_CONF, inet6_addr_gen_mode=rtnl.IN6_ADDR_GEN_MODE_NONE)
+    netns.set_up(ifname)
 
 
 # --- veth ------------------------------------------------------------------------
@@ -183,20 +208,22 @@ def _veth_ready(v: VmNet) -> bool:
         return False
     a = v.alloc
     ipr = netns.host_ipr()
-    vh, br = get_link(ipr, a.host_veth), netns.ifindex(v.bridge)
+    bridges.ensure(v.bridge, v.port_bridge)  # once per process: the extra bridge and its link
+    vh, br = get_link(ipr, a.host_veth), netns.ifindex(v.port_bridge)
     if vh is None or br is None or vh.get_attr("IFLA_MASTER") != br or not _is_up(vh):
         return False
     with netns.entered(v.ns), netns.ns_ipr() as nipr:
         vn = get_link(nipr, a.ns_veth)
-        return _is_up(vn) and vn.get_attr("IFLA_ADDRESS") == v.vn_mac
+        return _is_up(vn) and vn.get_attr("IFLA_ADDRESS") == v.vn_mac and _conf_ready(vn, DEVICE_CONF)
 
 
 def _veth_create(v: VmNet) -> None:
     a = v.alloc
     ipr = netns.host_ipr()
-    br = netns.ifindex(v.bridge)
+    bridges.ensure(v.bridge, v.port_bridge)
+    br = netns.ifindex(v.port_bridge)
     if br is None:
-        raise BackendError(f"bridge {v.bridge} missing: host network not set up")
+        raise BackendError(f"bridge {v.port_bridge} missing: host network not set up")
     _delete_link(ipr, a.host_veth)  # a half-made leftover
     nsfd = os.open(netns.path_of(v.ns), os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -210,8 +237,8 @@ def _veth_create(v: VmNet) -> None:
     except NetlinkError as exc:
         if exc.code == errno.EXFULL:  # the kernel made no device: nothing to undo here
             raise ResourceExhausted(
-                f"bridge {v.bridge} is full: a Linux bridge holds at most {BRIDGE_MAX_PORTS} ports "
-                "(one per VM network on this host)"
+                f"bridge {v.port_bridge} is full: a Linux bridge holds at most {BRIDGE_MAX_PORTS} ports "
+                "(lower UNKEY_METALD_NETWORK_VMS_PER_BRIDGE)"
             ) from None
         raise
     finally:
@@ -220,14 +247,16 @@ def _veth_create(v: VmNet) -> None:
     if idx is None:
         raise BackendError(f"{a.host_veth} vanished after creation")
     # before it goes up, so that no IPv6 link-local address is made for it
-    netns.write_sysctl(f"net/ipv6/conf/{a.host_veth}/disable_ipv6", "1", missing_ok=True)
+    netns.write_sysctl(
+        f"net/ipv6/conf/{a.host_veth}/disable_ipv6", "1", missing_ok=True, net_dir=netns.host_sysctl_dir()
+    )
     # hairpin: with br_netfilter, a VM's connection to its own forwarded port
     # is DNATed and bridged back out of its port (port-to-port: rules.py)
     ipr.brport(
         "set", index=idx, mode=1, ifalias=IFALIAS_PREFIX + v.vm_id, flags=IFF_UP, change=IFF_UP
     )
-    with netns.entered(v.ns):
-        netns.set_up(a.ns_veth)
+    with netns.entered(v.ns), netns.ns_ipr() as nipr:
+        _configure_device(nipr, a.ns_veth)
 
 
 # --- tap -------------------------------------------------------------------------
@@ -238,7 +267,7 @@ def _tap_ready(v: VmNet) -> bool:
         return False
     with netns.entered(v.ns), netns.ns_ipr() as ipr:
         tap = get_link(ipr, v.alloc.tap)
-        if not _is_up(tap):
+        if not _is_up(tap) or not _conf_ready(tap, DEVICE_CONF):
             return False
         info = tap.get_attr("IFLA_LINKINFO")
         data = info.get_attr("IFLA_INFO_DATA") if info else None
@@ -267,12 +296,11 @@ def make_tap(name: str, uid: int | None, gid: int | None) -> None:
 
 
 def _tap_create(v: VmNet) -> None:
-    with netns.entered(v.ns):
+    with netns.entered(v.ns), netns.ns_ipr() as ipr:
         if not v.run.fresh_ns and netns.ifindex(v.alloc.tap) is not None:
-            with netns.ns_ipr() as ipr:
-                _delete_link(ipr, v.alloc.tap)
+            _delete_link(ipr, v.alloc.tap)
         make_tap(v.alloc.tap, v.owner_uid, v.owner_gid)
-        netns.set_up(v.alloc.tap)
+        _configure_device(ipr, v.alloc.tap)
 
 
 def _tap_delete(v: VmNet) -> None:
@@ -284,35 +312,41 @@ def _tap_delete(v: VmNet) -> None:
 
 # --- proxy ARP -------------------------------------------------------------------
 
+PROXY_ON = {rtnl.IPV4_DEVCONF_PROXY_ARP: 1}
 
-def _proxy_sysctls(v: VmNet) -> list[tuple[str, str]]:
-    out = []
-    for dev in (v.alloc.ns_veth, v.alloc.tap):
-        out.append((f"net/ipv4/conf/{dev}/proxy_arp", "1"))
-        out.append((f"net/ipv4/neigh/{dev}/proxy_delay", "0"))  # answer at once
-    return out
+
+def _proxy_devices(v: VmNet) -> tuple[str, str]:
+    return (v.alloc.ns_veth, v.alloc.tap)
 
 
 def _proxy_ready(v: VmNet) -> bool:
     if v.run.fresh_ns or not netns.exists(v.ns):
         return False
-    with netns.entered(v.ns), netns.sysctl_dir() as net:
-        return all(netns.read_sysctl(k, net) == val for k, val in _proxy_sysctls(v))
+    with netns.entered(v.ns), netns.ns_ipr() as ipr:
+        # proxy_delay is set before proxy_arp: proxy_arp on means both are
+        return all(_conf_ready(get_link(ipr, dev), PROXY_ON) for dev in _proxy_devices(v))
+
+
+def _proxy_set(v: VmNet, on: bool) -> None:
+    with netns.entered(v.ns), netns.ns_ipr() as ipr:
+        for dev in _proxy_devices(v):
+            idx = netns.ifindex(dev)
+            if idx is None:
+                if on:
+                    raise BackendError(f"{dev} missing in {v.ns}")
+                continue
+            if on:
+                ipr.set_proxy_delay(idx, 0)  # answer the guest's ARP at once
+            ipr.link("set", index=idx, inet_conf={rtnl.IPV4_DEVCONF_PROXY_ARP: int(on)})
 
 
 def _proxy_on(v: VmNet) -> None:
-    with netns.entered(v.ns), netns.sysctl_dir() as net:
-        for key, value in _proxy_sysctls(v):
-            netns.write_sysctl(key, value, net_dir=net)
+    _proxy_set(v, True)
 
 
 def _proxy_off(v: VmNet) -> None:
-    if not netns.exists(v.ns):
-        return
-    with netns.entered(v.ns), netns.sysctl_dir() as net:
-        for key, _ in _proxy_sysctls(v):
-            if key.endswith("proxy_arp"):
-                netns.write_sysctl(key, "0", missing_ok=True, net_dir=net)
+    if netns.exists(v.ns):
+        _proxy_set(v, False)
 
 
 # --- routes ----------------------------------------------------------------------
@@ -391,6 +425,8 @@ def _neigh_ready(v: VmNet) -> bool:
     ipr = netns.host_ipr()
     if not _has_neigh(ipr, netns.ifindex(v.bridge), a.ip, v.vn_mac):
         return False
+    if not bridges.has_vm_entry(v.bridge, v.port_bridge, v.vn_mac):
+        return False
     with netns.entered(v.ns), netns.ns_ipr() as nipr:
         return _has_neigh(nipr, netns.ifindex(a.tap), a.ip, a.mac) and _has_neigh(
             nipr, netns.ifindex(a.ns_veth), a.gateway, v.bridge_mac
@@ -406,6 +442,7 @@ def _neigh_set(v: VmNet) -> None:
     ipr.neigh("replace", dst=a.ip, lladdr=v.vn_mac, ifindex=br, state=NUD_PERMANENT)
     # static FDB entry: frames for this VM never flood to the other VM ports
     ipr.fdb("replace", ifindex=vh, lladdr=v.vn_mac, state=NUD_NOARP, flags=NTF_MASTER)
+    bridges.set_vm_entry(v.bridge, v.port_bridge, v.vn_mac)  # the same on the main bridge, if not on it
     with netns.entered(v.ns), netns.ns_ipr() as nipr:
         tap, vn = netns.ifindex(a.tap), netns.ifindex(a.ns_veth)
         if tap is None or vn is None:
@@ -424,8 +461,9 @@ def delete_host_neigh(ipr: Rtnl, bridge: str, ip: str, mac: str) -> bool:
 
 
 def _neigh_delete(v: VmNet) -> None:
-    # the namespace's entries and the FDB entry go with their devices
+    # the namespace's entries and the FDB entry on vh_ go with their devices
     delete_host_neigh(netns.host_ipr(), v.bridge, v.alloc.ip, v.vn_mac)
+    bridges.delete_vm_entry(v.bridge, v.port_bridge, v.vn_mac)
 
 
 # --- teardown and counters ---------------------------------------------------------
@@ -433,25 +471,17 @@ def _neigh_delete(v: VmNet) -> None:
 
 def _remove_ns_and_neigh(v: VmNet) -> None:
     netns.remove_sync(v.ns)
-    delete_host_neigh(netns.host_ipr(), v.bridge, v.alloc.ip, v.vn_mac)
+    _neigh_delete(v)
 
 
 async def teardown(v: VmNet, reaper: LinkReaper, batcher: nft.Batcher) -> None:
-    """Namespace first (tap_ and vn_ die with it), the host neighbour entry,
-    then the host veth end and the nft elements. The last two are independent
-    and run concurrently (each is batched with other VMs' teardowns)."""
+    """Namespace first, the host neighbour entry, then the nft elements (batched
+    with other VMs' teardowns). Returns without waiting for the devices: the
+    kernel destroys tap_ and vn_ with the namespace once its last user is gone,
+    and vh_ with vn_; the reaper deletes vh_ if it outlives its grace period."""
     await netns.run(None, _remove_ns_and_neigh, v)
-    await _gather(
-        reaper.delete(v.alloc.host_veth),
-        remove_elements(rules.firewall_elements(v.alloc) + rules.forward_elements(v.alloc), batcher),
-    )
-
-
-async def _gather(*aws: Any) -> None:
-    results = await asyncio.gather(*aws, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+    reaper.expect_gone(v.alloc.host_veth)
+    await remove_elements(rules.firewall_elements(v.alloc) + rules.forward_elements(v.alloc), batcher)
 
 
 def _tap_counters(v: VmNet) -> tuple[int, int, int, int]:

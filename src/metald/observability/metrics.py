@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPERATIONS = ("create", "boot", "pause", "resume", "shutdown", "reboot", "delete")
-OUTCOMES = ("ok", "failed")
+OUTCOMES = ("ok", "failed", "rejected")  # rejected: refused before it reached the engine
 EXIT_REASONS = ("guest_poweroff", "signal", "exit_code", "other")
 STATES = (VmState.CREATED, VmState.RUNNING, VmState.PAUSED, VmState.SHUTDOWN)
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -191,7 +191,8 @@ class Metrics:
             self.vmm_exits.labels(exit_reason_class(outcome)).inc()
             return
         self.operations.labels(operation, outcome).inc()
-        self.operation_duration.labels(operation).observe(seconds)
+        if outcome != "rejected":  # durations are of operations the engine ran
+            self.operation_duration.labels(operation).observe(seconds)
         if exc is not None:
             self.failures.labels(operation, type(exc).__name__).inc()
 
