@@ -72,13 +72,16 @@ class ProcessWatch:
         self.exited = asyncio.Event()
         self.returncode: int | None = None
 
-    def start(self) -> None:
+    def start(self, pidfd: int | None = None) -> None:
+        """Watch through ``pidfd`` (taken over) or a pidfd opened here."""
         self._loop = asyncio.get_running_loop()
-        try:
-            self._fd = os.pidfd_open(self.pid)
-        except ProcessLookupError:
-            self._loop.call_soon(self._fire)
-            return
+        if pidfd is None:
+            try:
+                pidfd = os.pidfd_open(self.pid)
+            except ProcessLookupError:
+                self._loop.call_soon(self._fire)
+                return
+        self._fd = pidfd
         self._loop.add_reader(self._fd, self._fire)
 
     @property

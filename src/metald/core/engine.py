@@ -27,7 +27,10 @@ be undone (stopping or resetting a guest) come last. Per operation:
 * pause/resume: no intent. Each is one QMP command followed by one store
   write, and the outcome can be read back: on restart the recorded state of
   every adopted VM is set from the VMM's own run state (running/paused), which
-  completes or rolls back an interrupted pause/resume.
+  completes or rolls back an interrupted pause/resume. (A VM adopted on its
+  VMM's identity gets this once its QMP is attached: in the background right
+  after reconcile, and always before its next operation or read; see
+  reconcile.py.)
 * shutdown: the stop is the only step. Interrupted: a VMM still alive is
   adopted and keeps its state (rolled back; the caller may retry); a VMM that
   is gone makes the VM SHUTDOWN (completed).
@@ -126,6 +129,9 @@ class VmEngine(ReconcileMixin):
         self._locks: dict[str, asyncio.Lock] = {}
         self._create_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        # VMMs adopted on identity whose QMP is not attached yet: vm_id -> handle (reconcile.py)
+        self._unsettled: dict[str, dict[str, Any]] = {}
+        self._settling: asyncio.Task[None] | None = None
         backend.set_exit_callback(self._on_vmm_exit)
 
     # --- plumbing ------------------------------------------------------------
@@ -163,6 +169,8 @@ class VmEngine(ReconcileMixin):
         with log_context(vm_id=vm_id, operation=name):
             async with self._lock(vm_id):
                 try:
+                    if vm_id in self._unsettled:
+                        await self._settle(vm_id)  # the VMM's run state first (reconcile.py)
                     result = await body()
                 except BaseException as exc:
                     outcome = "failed"
@@ -619,6 +627,9 @@ class VmEngine(ReconcileMixin):
 
     # --- reads ---------------------------------------------------------------
     async def get(self, vm_id: str) -> VmView:
+        if vm_id in self._unsettled:
+            async with self._lock(vm_id):
+                await self._settle(vm_id)
         row = self._row(vm_id)
         alloc = self._alloc(row)
         metrics = VmMetrics()

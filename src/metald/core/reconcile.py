@@ -33,6 +33,9 @@ from metald.store.sqlite import Intent, VmRow
 
 log = logging.getLogger(__name__)
 
+# VMMs adopted on identity whose QMP is attached at once after reconcile.
+SETTLE_CONCURRENCY = 32
+
 
 class ReconcileMixin:
     """Start-up reconciliation of every stored VM (see the engine docstring)."""
@@ -53,6 +56,14 @@ class ReconcileMixin:
         from the VMM's own (running/paused/gone). Then remove what belongs to
         no VM: namespaces, links, nft elements, jails, cgroups, run
         directories and stray VMM processes carrying this metald's markers.
+
+        A RUNNING/PAUSED VM with no interrupted operation is adopted on its
+        VMM's identity alone when the backend can (``adopt_many``: one batch
+        of /proc checks); its control socket is attached after reconcile, by
+        a background task (:meth:`_settle_adopted`) or by the VM's next
+        operation or read, whichever comes first (:meth:`_settle`). Only
+        then is its recorded state set from the VMM's, or, if the socket does
+        not answer, the VM handled as a VMM that could not be adopted.
         """
         started = time.monotonic()
         report = ReconcileReport()
@@ -62,17 +73,19 @@ class ReconcileMixin:
                 self.store.end_intent(vm_id)
                 del intents[vm_id]
             gate = asyncio.Semaphore(RECONCILE_CONCURRENCY)
+            rows = self.store.all_vms()
+            claimed = await self._adopt_on_identity(rows, intents)
 
             async def one(row: VmRow) -> None:
                 async with gate, self._lock(row.vm_id):
                     with log_context(vm_id=row.vm_id):
                         try:
-                            await self._reconcile_vm(row, intents.get(row.vm_id), report)
+                            await self._reconcile_vm(row, intents.get(row.vm_id), report, claimed.get(row.vm_id))
                         except Exception:
                             log.exception("reconciling vm failed")
                             report.failed.append(row.vm_id)
 
-            await asyncio.gather(*(one(row) for row in self.store.all_vms()))
+            await asyncio.gather(*(one(row) for row in rows))
             known = {row.vm_id for row in self.store.all_vms()}
             if self.network is not None:
                 report.leftovers_removed = await self.network.sweep_leftovers(known)
@@ -93,12 +106,93 @@ class ReconcileMixin:
                 "rolled_back": len(report.rolled_back),
                 "completed": len(report.completed),
                 "leftovers_removed": len(report.leftovers_removed),
+                "qmp_pending": len(self._unsettled),
                 "seconds": round(report.seconds, 3),
             },
         )
+        if self._unsettled:
+            task = asyncio.get_running_loop().create_task(self._settle_adopted())
+            self._settling = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return report
 
-    async def _reconcile_vm(self, row: VmRow, intent: Intent | None, report: ReconcileReport) -> None:
+    async def _adopt_on_identity(self, rows: list[VmRow], intents: dict[str, Intent]) -> dict[str, bool]:
+        """Adopt the VMMs of RUNNING/PAUSED VMs with no interrupted operation on
+        their identity alone, in one batch (backends with ``adopt_many``).
+        Returns vm_id -> adopted for the VMs tried; the others adopt one by one."""
+        hook = self._backend_hook("adopt_many")
+        if hook is None:
+            return {}
+        items = []
+        for row in rows:
+            if row.handle and row.state in ACTIVE and row.vm_id not in intents:
+                try:
+                    items.append((self._spec(row), row.handle))
+                except Exception:
+                    log.exception("cannot build the boot spec", extra={"vm_id": row.vm_id})
+        if not items:
+            return {}
+        try:
+            adopted = await hook(items)
+        except Exception:
+            log.exception("adopting on identity failed; adopting one by one")
+            return {}
+        return {spec.vm_id: spec.vm_id in adopted for spec, _ in items}
+
+    async def _settle_adopted(self) -> None:
+        """Attach every VMM adopted on identity, SETTLE_CONCURRENCY at a time (see :meth:`_settle`)."""
+        started = time.monotonic()
+        pending = iter(sorted(self._unsettled))
+        stopped: list[str] = []
+
+        async def worker() -> None:
+            for vm_id in pending:
+                async with self._lock(vm_id):
+                    with log_context(vm_id=vm_id, operation="reconcile"):
+                        try:
+                            if await self._settle(vm_id) is False:
+                                stopped.append(vm_id)
+                        except Exception:
+                            log.exception("attaching the adopted VMM failed")
+
+        await asyncio.gather(*(worker() for _ in range(SETTLE_CONCURRENCY)))
+        log.info(
+            "adopted VMMs attached",
+            extra={"marked_shutdown": len(stopped), "seconds": round(time.monotonic() - started, 3)},
+        )
+
+    async def wait_settled(self) -> None:
+        """Wait until every VMM adopted on identity at start-up is attached (or given up)."""
+        if self._settling is not None:
+            await asyncio.shield(self._settling)
+
+    async def _settle(self, vm_id: str) -> bool | None:
+        """Finish the adoption of a VMM adopted on identity (the caller holds the VM's
+        lock): attach its control socket and record the VMM's run state; if the
+        socket does not answer, kill the VMM and record SHUTDOWN, as reconcile does
+        with a VMM it cannot adopt. None if there was nothing to settle."""
+        handle = self._unsettled.pop(vm_id, None)
+        if handle is None:
+            return None
+        row = self.store.get_vm(vm_id)
+        if row is None or row.state not in ACTIVE or row.handle != handle:
+            return None  # stopped, deleted or given a new VMM meanwhile
+        attach = self._backend_hook("attach")
+        if attach is None or await attach(vm_id):
+            await self._sync_run_state(vm_id)
+            return True
+        reason = f"VMM exited while metald was not running ({self._why_not_adopted(vm_id)})"
+        await self._discard_vmm(vm_id, kill_strays=False)
+        self._record_stopped(row, reason)
+        self.store.add_event(vm_id, "reconcile", "shutdown", reason)
+        log.warning("adopted VMM did not answer: recorded SHUTDOWN: %s", reason)
+        return False
+
+    async def _reconcile_vm(
+        self, row: VmRow, intent: Intent | None, report: ReconcileReport, claimed: bool | None = None
+    ) -> None:
+        """``claimed``: the result of :meth:`_adopt_on_identity` for this VM (None: not tried)."""
         vm_id = row.vm_id
         operation = intent.operation if intent else None
         if operation in ("create", "delete"):
@@ -116,6 +210,8 @@ class ReconcileMixin:
                     log.exception("re-applying network failed")
 
         async def adopt() -> bool:
+            if claimed is not None:
+                return claimed
             if not row.handle or not (row.state in ACTIVE or operation in ("boot", "reboot", "shutdown")):
                 return False
             try:
@@ -146,7 +242,10 @@ class ReconcileMixin:
             report.completed.append(vm_id)
         elif row.state in ACTIVE or (operation == "shutdown" and adopted):
             if adopted:
-                await self._sync_run_state(vm_id)
+                if claimed:
+                    self._unsettled[vm_id] = row.handle  # run state read once attached (_settle)
+                else:
+                    await self._sync_run_state(vm_id)
                 if operation is not None:  # shutdown: rolled back; pause-like ops: completed
                     (report.rolled_back if operation == "shutdown" else report.completed).append(vm_id)
             else:

@@ -73,6 +73,9 @@ class _Vm:
     exit_reason: str | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     cpu_sample: CpuSample | None = None
+    # Adopted on identity alone: QMP is connected on first use (QemuBackend._ready).
+    unattached: bool = False
+    attaching: asyncio.Task[None] | None = None
 
     @property
     def alive(self) -> bool:
@@ -255,7 +258,7 @@ class QemuBackend:
                     await self._kill(vm)
                 await self._wait_finished(vm)
             vm.watch.close()
-            await vm.qmp.close()
+            await self._close_qmp(vm)
             if self._vms.get(vm_id) is vm:
                 del self._vms[vm_id]
         killed = []
@@ -272,7 +275,7 @@ class QemuBackend:
 
     async def vmm_status(self, vm_id: str) -> str:
         """QEMU's run state over QMP (``running``, ``paused``, ...)."""
-        return await self._running(vm_id).qmp.status()
+        return await (await self._ready(self._running(vm_id))).status()
 
     def _markers(self, only: str | None, keep: dict[str, int]) -> list[tuple[int, str]]:
         """(pid, vm_id) of processes carrying this metald's VMM markers (a QMP socket
@@ -332,42 +335,136 @@ class QemuBackend:
 
     async def adopt(self, spec: BootSpec, handle_data: dict[str, Any]) -> bool:
         """Re-attach to the VMM the handle describes, only if it provably is that
-        process: same pid, same start time, a command line with the handle's QMP
-        socket and hash (``handle.mismatch``), and a QMP socket that answers.
-        Then watch it (pidfd) and put it back into its cgroup if needed."""
-        self._adopt_errors.pop(spec.vm_id, None)
-        vmm = handle.VmmHandle.from_dict(handle_data)
-        if vmm is None:
-            self._adopt_errors[spec.vm_id] = "no usable VMM handle"
-            log.warning("qemu %s: unusable handle %r", spec.vm_id, handle_data)
+        process (see :meth:`adopt_many`) and its QMP socket answers."""
+        if spec.vm_id not in await self.adopt_many([(spec, handle_data)]):
             return False
-        why = handle.mismatch(vmm)
-        if why is not None:
-            self._adopt_errors[spec.vm_id] = why
-            log.info("qemu %s: not adopting: %s", spec.vm_id, why)
-            return False
-        old = self._vms.get(spec.vm_id)
-        if old is not None and old.alive and old.handle == vmm:
+        if await self.attach(spec.vm_id):
             return True
-        vm = self._track(spec, vmm, None)
-        try:
-            await vm.qmp.connect(QMP_CONNECT_TIMEOUT_S, lambda: vm.alive)
-        except BackendError as exc:
-            self._adopt_errors[spec.vm_id] = f"QMP of pid {vmm.pid} did not answer: {exc}"
-            log.warning("qemu %s: adopted pid %d but QMP failed: %s", spec.vm_id, vmm.pid, exc)
+        vm = self._vms.pop(spec.vm_id, None)
+        if vm is not None:  # left running: the leftover sweep (or cleanup) kills it
             vm.stopping = True
             vm.watch.close()
-            await vm.qmp.close()
-            self._vms.pop(spec.vm_id, None)
+            await self._close_qmp(vm)
+        return False
+
+    async def adopt_many(self, items: list[tuple[BootSpec, dict[str, Any]]]) -> set[str]:
+        """Adopt VMMs on their identity alone; return the vm_ids adopted.
+
+        A handle's process must provably be that VMM: same pid, same start time,
+        a command line with the handle's QMP socket and hash (``handle.mismatch``),
+        checked after its pidfd is open, so a pid reused after the check is never
+        watched. The /proc (and cgroup) reads for all items run in one worker
+        thread. Each adopted VMM is watched (pidfd) and put back into its cgroup
+        if needed; its QMP is connected by :meth:`attach` or its first use.
+        ``adopt_error`` says why the others were not adopted.
+        """
+        adopted: set[str] = set()
+        checks: list[tuple[BootSpec, handle.VmmHandle]] = []
+        for spec, handle_data in items:
+            self._adopt_errors.pop(spec.vm_id, None)
+            vmm = handle.VmmHandle.from_dict(handle_data)
+            if vmm is None:
+                self._adopt_errors[spec.vm_id] = "no usable VMM handle"
+                log.warning("qemu %s: unusable handle %r", spec.vm_id, handle_data)
+                continue
+            old = self._vms.get(spec.vm_id)
+            if old is not None and old.alive and old.handle == vmm:
+                adopted.add(spec.vm_id)
+                continue
+            checks.append((spec, vmm))
+        if not checks:
+            return adopted
+        results = await asyncio.to_thread(self._identify, checks)
+        for (spec, vmm), (why, pidfd, misplaced) in zip(checks, results, strict=True):
+            if why is not None:
+                self._adopt_errors[spec.vm_id] = why
+                log.info("qemu %s: not adopting: %s", spec.vm_id, why)
+                continue
+            vm = self._track(spec, vmm, None, pidfd)
+            vm.unattached = True
+            if misplaced:
+                try:
+                    await self._reapply_cgroup(spec, vmm)
+                except OSError as exc:
+                    log.warning("qemu %s: cannot put pid %d back into its cgroup: %s", spec.vm_id, vmm.pid, exc)
+            log.info("qemu %s: adopted pid %d", spec.vm_id, vmm.pid)
+            adopted.add(spec.vm_id)
+        return adopted
+
+    def _identify(self, checks: list[tuple[BootSpec, handle.VmmHandle]]) -> list[tuple[str | None, int | None, bool]]:
+        """(why not, pidfd, outside its cgroup) per check (worker thread)."""
+        out: list[tuple[str | None, int | None, bool]] = []
+        for spec, vmm in checks:
+            pidfd = None
+            try:
+                with contextlib.suppress(ProcessLookupError):  # gone: mismatch() says so
+                    pidfd = os.pidfd_open(vmm.pid) if vmm.pid > 1 else None
+                why = handle.mismatch(vmm)
+                misplaced = False
+                if why is None and self.jailer is not None:
+                    dirs = self.jailer.jail_for(self.name, spec.vm_id).cgroup.dirs
+                    misplaced = not all(vmm.pid in cgroups.procs(d) for d in dirs)
+            except Exception as exc:  # noqa: BLE001 - one bad item must not stop the others
+                why, misplaced = f"cannot check pid {vmm.pid}: {exc}", False
+            if why is None and pidfd is None:
+                why = f"process {vmm.pid} is gone"
+            if why is not None and pidfd is not None:
+                os.close(pidfd)
+                pidfd = None
+            out.append((why, pidfd, misplaced))
+        return out
+
+    async def attach(self, vm_id: str) -> bool:
+        """Connect the QMP of a VMM adopted by :meth:`adopt_many` (or wait for the
+        attempt under way). False, with ``adopt_error`` saying why, if it did not
+        answer; the VMM is left running and tracked (``discard`` ends it)."""
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            self._adopt_errors.setdefault(vm_id, "no VMM to adopt")
             return False
         try:
-            await self._reapply_cgroup(spec, vmm)
-        except OSError as exc:
-            log.warning("qemu %s: cannot put pid %d back into its cgroup: %s", spec.vm_id, vmm.pid, exc)
-        log.info("qemu %s: adopted pid %d", spec.vm_id, vmm.pid)
+            await self._ready(vm)
+        except BackendError:
+            return False
         return True
 
-    def _track(self, spec: BootSpec, vmm: handle.VmmHandle, popen: subprocess.Popen[bytes] | None) -> _Vm:
+    async def _ready(self, vm: _Vm) -> QmpSession:
+        """The VM's QMP session, connected: an adopted VMM's is connected on first
+        use, once (later callers wait for the same attempt, or get its error)."""
+        if not vm.unattached:
+            return vm.qmp
+        task = vm.attaching
+        if task is None:
+            task = vm.attaching = asyncio.get_running_loop().create_task(self._attach(vm))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
+            raise BackendError(f"QMP of VM {vm.vm_id} was closed") from None
+        return vm.qmp
+
+    async def _attach(self, vm: _Vm) -> None:
+        try:
+            await vm.qmp.connect(QMP_CONNECT_TIMEOUT_S, lambda: vm.alive)
+        except Exception as exc:
+            why = f"QMP of pid {vm.handle.pid} did not answer: {exc}"
+            self._adopt_errors[vm.vm_id] = why
+            log.warning("qemu %s: adopted pid %d but QMP failed: %s", vm.vm_id, vm.handle.pid, exc)
+            raise BackendError(why) from None
+        vm.unattached = False
+
+    async def _close_qmp(self, vm: _Vm) -> None:
+        """Drop the VM's QMP connection, or the attempt to make it."""
+        task = vm.attaching
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        await vm.qmp.close()
+
+    def _track(
+        self, spec: BootSpec, vmm: handle.VmmHandle, popen: subprocess.Popen[bytes] | None, pidfd: int | None = None
+    ) -> _Vm:
         qmp = QmpSession(f"qmp-{spec.vm_id}", Path(vmm.qmp_socket))
         vm = _Vm(
             vm_id=spec.vm_id,
@@ -380,7 +477,7 @@ class QemuBackend:
         )
         qmp.on_stop = lambda: self._spawn(self._check_stopped(vm))
         self._vms[spec.vm_id] = vm
-        vm.watch.start()
+        vm.watch.start(pidfd)
         self._ensure_console_task()
         return vm
 
@@ -397,10 +494,10 @@ class QemuBackend:
         return vm
 
     async def pause(self, vm_id: str) -> None:
-        await self._running(vm_id).qmp.execute("stop")
+        await (await self._ready(self._running(vm_id))).execute("stop")
 
     async def resume(self, vm_id: str) -> None:
-        await self._running(vm_id).qmp.execute("cont")
+        await (await self._ready(self._running(vm_id))).execute("cont")
 
     async def shutdown(self, vm_id: str, force: bool, timeout_s: float) -> str:
         vm = self._vms.get(vm_id)
@@ -410,6 +507,13 @@ class QemuBackend:
             await self._wait_finished(vm)
             return vm.exit_reason or "already stopped"
         vm.stopping = True
+        try:
+            await self._ready(vm)
+        except BackendError as exc:  # no QMP: neither power button nor quit
+            vm.failure = f"{exc}; killed"
+            await self._kill(vm)
+            await self._wait_finished(vm)
+            return vm.exit_reason or "killed"
         if not force and not await self._power_button(vm, timeout_s):
             vm.failure = f"guest ignored the power button for {timeout_s:g}s; stopped by QEMU"
             force = True
@@ -449,9 +553,10 @@ class QemuBackend:
     async def reboot(self, spec: BootSpec, force: bool) -> dict[str, Any]:
         vm = self._running(spec.vm_id)
         if force:
-            await vm.qmp.execute("system_reset")
-            if await vm.qmp.status() == "paused":
-                await vm.qmp.execute("cont")
+            qmp = await self._ready(vm)
+            await qmp.execute("system_reset")
+            if await qmp.status() == "paused":
+                await qmp.execute("cont")
             return vm.handle.to_dict()
         # microvm has no keyboard controller for ctrl-alt-del and the guest treats
         # the ACPI button as poweroff, so a graceful reboot is poweroff + boot.
@@ -468,7 +573,7 @@ class QemuBackend:
         await self._kill(vm)
         await self._wait_finished(vm)
         vm.watch.close()
-        await vm.qmp.close()
+        await self._close_qmp(vm)
         _remove_files(vm.run_dir, vm.files())
         await self._remove_jail(vm_id)
 
@@ -504,7 +609,7 @@ class QemuBackend:
     async def _finish_exit(self, vm: _Vm, returncode: int | None) -> None:
         await vm.qmp.drained(EXIT_DRAIN_S)  # let the SHUTDOWN event arrive
         vm.exit_reason = exit_reason(vm.failure, vm.qmp.shutdown_reason, returncode)
-        await vm.qmp.close()
+        await self._close_qmp(vm)
         if self._vms.get(vm.vm_id) is vm:
             # QEMU cannot remove these itself (they are outside its chroot); a
             # stopped VM keeps only its logs (and its jail, network and IP).
@@ -548,18 +653,13 @@ class QemuBackend:
         limit = self.settings.console_log_max_bytes
         while True:
             await asyncio.sleep(CONSOLE_CHECK_INTERVAL_S)
-            for vm in list(self._vms.values()):
-                if not vm.alive:
-                    continue
-                logs = [vmm_log_path(vm.run_dir)]  # QEMU's own stderr, opened O_APPEND too
-                if vm.console_log is not None:
-                    logs.append(vm.console_log)
-                for path in logs:
-                    try:
-                        if console.cap_log(path, limit):
-                            log.debug("qemu %s: %s cut to %d bytes", vm.vm_id, path.name, limit // 2)
-                    except OSError as exc:
-                        log.warning("qemu %s: capping %s failed: %s", vm.vm_id, path, exc)
+            logs = []
+            for vm in self._vms.values():
+                if vm.alive:
+                    logs.append((vm.vm_id, vmm_log_path(vm.run_dir)))  # QEMU's own stderr, opened O_APPEND too
+                    if vm.console_log is not None:
+                        logs.append((vm.vm_id, vm.console_log))
+            await asyncio.to_thread(_cap_logs, logs, limit)  # a stat per log: off the event loop
 
     # --- observation ---------------------------------------------------------
 
@@ -578,7 +678,7 @@ class QemuBackend:
             out["qemu_version"] = await self.qemu_version()
         if vm.alive:
             try:
-                out["status"] = await vm.qmp.status()
+                out["status"] = await (await self._ready(vm)).status()
             except BackendError as exc:
                 out["status"] = f"unknown ({exc})"
         else:
@@ -603,7 +703,7 @@ class QemuBackend:
             return metrics
         read_network(metrics, vm.handle.pid, vm.tap)
         try:
-            apply_blockstats(metrics, await vm.qmp.execute("query-blockstats"))
+            apply_blockstats(metrics, await (await self._ready(vm)).execute("query-blockstats"))
         except BackendError as exc:
             metrics.notes["storage"] = str(exc)
         metrics.measured = True
@@ -618,7 +718,7 @@ class QemuBackend:
             task.cancel()
         for vm in self._vms.values():
             vm.watch.close()
-            await vm.qmp.close()
+            await self._close_qmp(vm)
         self._vms.clear()
 
 
@@ -633,6 +733,15 @@ def exit_reason(failure: str | None, shutdown_cause: str | None, returncode: int
     if returncode is None or returncode == 0:
         return event
     return f"{event} ({status})"
+
+
+def _cap_logs(logs: list[tuple[str, Path]], limit: int) -> None:
+    for vm_id, path in logs:
+        try:
+            if console.cap_log(path, limit):
+                log.debug("qemu %s: %s cut to %d bytes", vm_id, path.name, limit // 2)
+        except OSError as exc:
+            log.warning("qemu %s: capping %s failed: %s", vm_id, path, exc)
 
 
 def _remove_files(run_dir: Path, files: list[Path]) -> None:
