@@ -640,10 +640,13 @@ def _all_ready(v: VmNet) -> dict[str, bool]:
     """Every netlink step's readiness (stops at the first that is not ready:
     the later ones are checked again after it has run)."""
     out: dict[str, bool] = {}
-    for name, ready in _READY:
-        out[name] = ready(v)
-        if not out[name]:
-            break
+    if not netns.exists(v.ns):
+        return {"netns": False}
+    with netns.shared_ns_ipr(v.ns):
+        for name, ready in _READY:
+            out[name] = ready(v)
+            if not out[name]:
+                break
     return out
 
 
