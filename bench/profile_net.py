@@ -49,6 +49,17 @@ def _name(frame: str) -> str:
     return f"{func} ({short})"
 
 
+def _idle(frame: str) -> bool:
+    """A leaf frame where a thread waits (``select``, ``Condition.wait``, a pool
+    worker's queue): with or without the class name py-spy may print."""
+    function, _, where = frame.partition(" (")
+    for idle in IDLE_LEAVES:
+        name, _, place = idle.partition(" (")
+        if function.rsplit(".", 1)[-1] == name and where.startswith(place):
+            return True
+    return False
+
+
 def summarise(raw: Path, top: int = 14) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
     inclusive: collections.Counter[str] = collections.Counter()
     leaf: collections.Counter[str] = collections.Counter()
@@ -58,8 +69,7 @@ def summarise(raw: Path, top: int = 14) -> tuple[int, list[tuple[str, int]], lis
         if not stack or not count.isdigit():
             continue
         frames = stack.split(";")
-        if any(frames[-1].startswith(idle.split(" (")[0] + " (") and idle.split(" (")[1] in frames[-1]
-               for idle in IDLE_LEAVES):
+        if _idle(frames[-1]):
             continue
         n = int(count)
         busy += n
