@@ -6,7 +6,6 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from tests.integration.test_network_fakeguest import (
     namespaces,
     nft_elements,
     permanent_neighbours,
-    reset_host,
     run,
 )
 
@@ -37,15 +35,6 @@ FULL_NIC = NicRequest(
     rx_rate_limit=RateLimit(1_000_000, 0, 0),
     tx_rate_limit=RateLimit(1_000_000, 0, 0),
 )
-
-
-@pytest.fixture
-async def manager(tmp_path: Path) -> AsyncIterator[NetworkManager]:
-    reset_host()
-    m = NetworkManager(Settings(data_dir=tmp_path), Store(tmp_path / "metald.db"))  # type: ignore[call-arg]
-    await m.setup_host()
-    yield m
-    reset_host()
 
 
 def _vm_links() -> list[str]:

@@ -9,17 +9,14 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
-from metald.config import Settings
 from metald.core.models import NetworkAllocation, NicRequest
 from metald.core.plan import Plan
 from metald.network import netns
 from metald.network.manager import NetworkManager
-from metald.store.sqlite import Store
 from tests.integration.test_network_fakeguest import (
     ROOT_ONLY,
     all_vm_elements,
@@ -30,16 +27,6 @@ from tests.integration.test_network_fakeguest import (
 
 pytestmark = ROOT_ONLY
 NIC = NicRequest(options=(("port_forwards", "80"),))
-
-
-@pytest.fixture
-async def manager(tmp_path: Path) -> AsyncIterator[NetworkManager]:
-    reset_host()
-    m = NetworkManager(Settings(data_dir=tmp_path), Store(tmp_path / "metald.db"))  # type: ignore[call-arg]
-    await m.setup_host()
-    yield m
-    await m.settle(10)
-    reset_host()
 
 
 async def _up(m: NetworkManager, vm_id: str) -> NetworkAllocation:

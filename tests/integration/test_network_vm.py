@@ -52,15 +52,6 @@ def bridge_layout(request: pytest.FixtureRequest) -> dict[str, object]:
 
 
 @pytest.fixture
-async def manager(tmp_path: Path) -> AsyncIterator[NetworkManager]:
-    reset_host()
-    m = NetworkManager(Settings(data_dir=tmp_path), Store(tmp_path / "metald.db"))  # type: ignore[call-arg]
-    await m.setup_host()
-    yield m
-    reset_host()
-
-
-@pytest.fixture
 async def managers(tmp_path: Path, bridge_layout: dict[str, object]) -> AsyncIterator[NetworkManager]:
     """A manager with each bridge layout."""
     reset_host()
