@@ -29,28 +29,22 @@ async def _engine(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     return await fn(*args)
 
 
-async def _guard(call: Callable[[], Awaitable[T]]) -> T:
-    try:
-        return await call()
-    except Exception as exc:
-        raise to_connect(exc) from exc
-
-
 class VmServiceImpl:
     def __init__(self, engine: VmEngine, settings: Settings) -> None:
         self.engine = engine
         self.settings = settings
 
-    async def _operation(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Like :func:`_guard`; a call refused before it reaches the engine (bad
-        input, unknown or invisible VM) is reported to the engine's operation
-        observers as "rejected", so that metrics count every call."""
+    async def _operation(self, operation: str | None, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a handler, turning errors into RPC errors. A lifecycle ``operation``
+        refused before it reaches the engine (bad input, unknown or invisible VM)
+        is reported to the engine's operation observers as "rejected", so that
+        metrics count every call (reads pass None)."""
         _in_engine.set(False)
         started = time.monotonic()
         try:
             return await call()
         except Exception as exc:
-            if not _in_engine.get():
+            if operation is not None and not _in_engine.get():
                 for observer in self.engine.operation_observers:
                     observer(operation, "rejected", time.monotonic() - started, exc)
             raise to_connect(exc) from exc
@@ -143,7 +137,7 @@ class VmServiceImpl:
             view = await self.engine.get(self._vm(request.vm_id))
             return convert.vm_info_response(view)
 
-        return await _guard(call)
+        return await self._operation(None, call)
 
     async def list_vms(
         self, request: pb.ListVmsRequest, ctx: RequestContext[Any, Any]
@@ -166,4 +160,4 @@ class VmServiceImpl:
                 total_count=page.total,
             )
 
-        return await _guard(call)
+        return await self._operation(None, call)

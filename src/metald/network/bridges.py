@@ -29,9 +29,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from metald.core.errors import BackendError
 from metald.network import names, netns
-
-NUD_NOARP = 0x40
-NTF_MASTER = 0x04
+from metald.network.rtnl import NTF_MASTER, NUD_NOARP
 
 _lock = threading.Lock()
 _checked: set[str] = set()
@@ -47,10 +45,6 @@ def trunk_port(main: str, bridge: str) -> str | None:
     """The main bridge's port towards ``bridge`` (None for the main bridge itself)."""
     block = names.block_of_bridge(main, bridge)
     return names.trunk_names(block)[0] if block else None
-
-
-def _no_ipv6(ifname: str) -> None:
-    netns.write_sysctl(f"net/ipv6/conf/{ifname}/disable_ipv6", "1", missing_ok=True, net_dir=netns.host_sysctl_dir())
 
 
 def _index(ifname: str) -> int:
@@ -77,7 +71,7 @@ def ensure(main: str, bridge: str) -> None:
         if netns.ifindex(bridge) is None:
             ipr.link("add", ifname=bridge, kind="bridge", address=names.bridge_mac(bridge))
         idx = _index(bridge)
-        _no_ipv6(bridge)
+        netns.disable_host_ipv6(bridge)
         ipr.link("set", index=idx, state="up")
         on_main, on_extra = names.trunk_names(block)
         if netns.ifindex(on_main) is None or netns.ifindex(on_extra) is None:
@@ -86,7 +80,7 @@ def ensure(main: str, bridge: str) -> None:
             ipr.link("add", ifname=on_main, kind="veth", peer={"ifname": on_extra})
         for port, master in ((on_main, main_idx), (on_extra, idx)):
             port_idx = _index(port)
-            _no_ipv6(port)
+            netns.disable_host_ipv6(port)
             ipr.link("set", index=port_idx, master=master, state="up")
         # frames to the gateway never flood the extra bridge's VM ports
         ipr.fdb("replace", ifindex=_index(on_extra), lladdr=names.bridge_mac(main), state=NUD_NOARP,

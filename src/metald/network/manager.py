@@ -11,14 +11,13 @@ from pyroute2.netlink.exceptions import NetlinkError
 from metald.config import Settings
 from metald.core.models import NetworkAllocation, NicRequest
 from metald.core.plan import Step
-from metald.network import allocation, bridges, guest, host, names, netns, nft, rules, vm
+from metald.network import allocation, guest, host, names, netns, nft, rules, vm
 from metald.network.reaper import LinkReaper
+from metald.network.rtnl import AF_BRIDGE, NTF_MASTER, NUD_NOARP, NUD_PERMANENT
 from metald.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 
-NUD_PERMANENT = 0x80
-AF_BRIDGE = 7
 
 
 class NetworkManager:
@@ -139,7 +138,8 @@ def _sweep_links(
     ipr = netns.host_ipr()
     # Listed before namespaces go: removing one also removes its veth pair, later.
     stale_links = []
-    for link in ipr.get_links():
+    links = ipr.get_links()
+    for link in links:
         ifname = link.get_attr("IFLA_IFNAME") or ""
         if not ifname.startswith(names.HOST_VETH_PREFIX) or ifname in reaping:
             continue
@@ -159,7 +159,7 @@ def _sweep_links(
             if exc.code != errno.ENODEV:
                 raise
         removed.append(f"link {ifname}")
-    removed += _sweep_trunk_entries(ipr, {names.ns_veth_mac(s) for s in shorts})
+    removed += _sweep_trunk_entries(ipr, links, {names.ns_veth_mac(s) for s in shorts})
     found = ipr.link_lookup(ifname=bridge)
     if found:
         for n in ipr.get_neighbours(family=2, ifindex=found[0]):
@@ -174,12 +174,12 @@ def _sweep_links(
     return removed
 
 
-def _sweep_trunk_entries(ipr: Any, known_macs: set[str]) -> list[str]:
+def _sweep_trunk_entries(ipr: Any, links: list[Any], known_macs: set[str]) -> list[str]:
     """Static FDB entries on the main bridge's ports towards extra bridges
     (bridges.py) whose VM is gone."""
     trunks = {
         link["index"]: link.get_attr("IFLA_IFNAME")
-        for link in ipr.get_links()
+        for link in links
         if (link.get_attr("IFLA_IFNAME") or "").startswith(names.TRUNK_MAIN_PREFIX)
     }
     removed = []
@@ -187,9 +187,9 @@ def _sweep_trunk_entries(ipr: Any, known_macs: set[str]) -> list[str]:
         return removed
     for entry in ipr.get_neighbours(family=AF_BRIDGE):
         mac = entry.get_attr("NDA_LLADDR")
-        if entry["ifindex"] in trunks and entry["state"] & bridges.NUD_NOARP and mac not in known_macs:
+        if entry["ifindex"] in trunks and entry["state"] & NUD_NOARP and mac not in known_macs:
             try:
-                ipr.fdb("del", ifindex=entry["ifindex"], lladdr=mac, flags=bridges.NTF_MASTER)
+                ipr.fdb("del", ifindex=entry["ifindex"], lladdr=mac, flags=NTF_MASTER)
             except NetlinkError as exc:
                 if exc.code not in (errno.ENOENT, errno.ENODEV):
                     raise

@@ -348,6 +348,11 @@ def host_sysctl_dir() -> int:
         return _host_net_dir[0]
 
 
+def disable_host_ipv6(ifname: str) -> None:
+    """No IPv6 on host link ``ifname`` (set before it goes up: no link-local address)."""
+    write_sysctl(f"net/ipv6/conf/{ifname}/disable_ipv6", "1", missing_ok=True, net_dir=host_sysctl_dir())
+
+
 def _sysctl_path(key: str, net_dir: int | None) -> str:
     path = key.replace(".", "/") if "/" not in key else key
     if net_dir is not None:

@@ -72,33 +72,27 @@ def _delete_group(ipr: Rtnl) -> None:
             raise
 
 
-def _reap(ifnames: Sequence[str]) -> Results:
-    """Delete links by name: (per-name result, number of links deleted)."""
+def _reap_indexes(indexes: Sequence[int | BaseException | None]) -> Results:
+    """Delete links by ifindex (an error or None in the list is passed through
+    as that link's result): (per-link result, number of links deleted)."""
     ipr = _host_rtnl()
-    results: list[BaseException | None] = []
-    marked = 0
-    for ifname in ifnames:
-        try:
-            found = ipr.link("get", ifname=ifname)
-        except NetlinkError as exc:
-            results.append(None if exc.code == errno.ENODEV else exc)
-            continue
-        outcome = _mark(ipr, found[0]["index"])
-        marked += outcome is True
-        results.append(None if isinstance(outcome, bool) else outcome)
-    if marked:
-        _delete_group(ipr)
-    return results, marked
-
-
-def _reap_indexes(indexes: Sequence[int]) -> Results:
-    """Delete links by ifindex: (per-index result, number of links deleted)."""
-    ipr = _host_rtnl()
-    outcomes = [_mark(ipr, index) for index in indexes]
+    outcomes = [_mark(ipr, index) if isinstance(index, int) else index for index in indexes]
     marked = sum(o is True for o in outcomes)
     if marked:
         _delete_group(ipr)
     return [None if isinstance(o, bool) else o for o in outcomes], marked
+
+
+def _reap(ifnames: Sequence[str]) -> Results:
+    """Delete links by name: (per-name result, number of links deleted)."""
+    ipr = _host_rtnl()
+    indexes: list[int | BaseException | None] = []
+    for ifname in ifnames:
+        try:
+            indexes.append(ipr.link("get", ifname=ifname)[0]["index"])
+        except NetlinkError as exc:
+            indexes.append(None if exc.code == errno.ENODEV else exc)
+    return _reap_indexes(indexes)
 
 
 def _on_reaper_thread(fn: Callable[[Sequence[Any]], Results], items: Sequence[Any]) -> Results:

@@ -69,6 +69,8 @@ IFLA_BRPORT_MODE = 4
 IFLA_TUN_OWNER, IFLA_TUN_GROUP = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 NDA_DST, NDA_LLADDR = 1, 2
+NUD_NOARP, NUD_PERMANENT = 0x40, 0x80  # neighbour states (FDB: NOARP is "static")
+NTF_MASTER = 0x04  # an FDB entry of the bridge the port belongs to
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")

@@ -44,7 +44,7 @@ from metald.core.models import NetworkAllocation, RateLimit
 from metald.core.plan import Step
 from metald.network import bridges, names, netns, nft, rtnl, rules, tc
 from metald.network.reaper import LinkReaper
-from metald.network.rtnl import Rtnl
+from metald.network.rtnl import NTF_MASTER, NUD_NOARP, NUD_PERMANENT, Rtnl
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,6 @@ TUNSETGROUP = 0x400454CE
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_UP = 0x1
-NUD_NOARP = 0x40
-NUD_PERMANENT = 0x80
-NTF_MASTER = 0x04
 AF_INET = 2
 RT_TABLE_MAIN = 254
 RT_SCOPE_LINK = 253
@@ -246,10 +243,7 @@ def _veth_create(v: VmNet) -> None:
     idx = netns.ifindex(a.host_veth)
     if idx is None:
         raise BackendError(f"{a.host_veth} vanished after creation")
-    # before it goes up, so that no IPv6 link-local address is made for it
-    netns.write_sysctl(
-        f"net/ipv6/conf/{a.host_veth}/disable_ipv6", "1", missing_ok=True, net_dir=netns.host_sysctl_dir()
-    )
+    netns.disable_host_ipv6(a.host_veth)  # before it goes up: no IPv6 link-local address
     # hairpin: with br_netfilter, a VM's connection to its own forwarded port
     # is DNATed and bridged back out of its port (port-to-port: rules.py)
     ipr.brport(
