@@ -44,7 +44,7 @@ class DaemonProcess:
             UNKEY_METALD_RUN_DIR=str(self.run_dir),
             UNKEY_METALD_JAILER_CHROOT_DIR=str(self.jail_dir),
             # each test daemon sweeps only its own cgroups (the tree is host-wide)
-            UNKEY_METALD_JAILER_CGROUP_PARENT=f"metald-test-{self.port}",
+            UNKEY_METALD_JAILER_CGROUP_PARENT=f"metald-test-{os.getpid()}-{self.port}",
             UNKEY_METALD_BACKEND="qemu",
             UNKEY_METALD_OTEL_ENABLED="false",
             METALD_SERVER=self.url,

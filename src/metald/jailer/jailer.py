@@ -68,7 +68,8 @@ class Jailer:
         """Raise JailerConfigError for settings or a host the jailer cannot work with."""
         found = check_settings(self.settings, self._fs)
         if found is not None:
-            self._fs = found
+            # the detected hierarchy, under this daemon's own parent (never the default's)
+            self._fs = dataclasses.replace(found, parent=self.settings.jailer_cgroup_parent)
 
     def jail_for(self, vmm_name: str, vm_id: str) -> Jail:
         layout.check_vmm_name(vmm_name)
