@@ -128,9 +128,8 @@ async def run(settings: Settings) -> None:
         if daemon.metrics is not None:
             await daemon.metrics.stop()
         await daemon.engine.close()
-        settle = getattr(daemon.engine.network, "settle", None)
-        if settle is not None:  # host veths of VMs just deleted, still being destroyed
-            await settle(SETTLE_AT_SHUTDOWN_SECONDS)
+        if daemon.engine.network is not None:  # host veths of VMs just deleted, still being destroyed
+            await daemon.engine.network.settle(SETTLE_AT_SHUTDOWN_SECONDS)
         daemon.store.close()
         if tls is not None:
             await tls.close()

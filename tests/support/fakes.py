@@ -1,7 +1,10 @@
-"""A fake VMM backend for unit tests of the engine and API logic.
+"""A fake VMM backend and network for unit tests of the engine and API logic.
 
-It records calls and keeps VM states in memory; it never starts a process.
-Real-VMM behaviour is covered by the QEMU end-to-end tests.
+The backend records calls and keeps VM states and jails in memory; it never
+starts a process. It implements every contract of ``metald.core.ports.Backend``
+(and, when built with ``identity_adoption=True``, the optional
+``IdentityAdopter``), so the engine's unit tests run the same branches as with
+a real backend. Real-VMM behaviour is covered by the QEMU end-to-end tests.
 """
 
 from __future__ import annotations
@@ -9,19 +12,23 @@ from __future__ import annotations
 from typing import Any
 
 from metald.core.errors import BackendError, InvalidArgument
-from metald.core.models import BootSpec, VmMetrics
-from metald.core.ports import ExitCallback
+from metald.core.models import BootSpec, NetworkAllocation, VmMetrics
+from metald.core.plan import FuncStep, Step
+from metald.core.ports import ExitCallback, IdentityAdopter, RunState
 
 
 class FakeBackend:
     name = "fake"
 
-    def __init__(self) -> None:
+    def __init__(self, identity_adoption: bool = False) -> None:
         self.calls: list[tuple[str, str]] = []
         self.running: dict[str, str] = {}  # vm_id -> "running" | "paused"
         self.fail: set[str] = set()  # operation names that raise BackendError
         self.adoptable: set[str] = set()
         self.callback: ExitCallback | None = None
+        self.jails: set[str] = set()  # VMs with a jail (made at boot, kept while SHUTDOWN)
+        self.discarded: list[str] = []
+        self.identity_adoption = identity_adoption
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self.callback = callback
@@ -41,6 +48,7 @@ class FakeBackend:
     async def boot(self, spec: BootSpec) -> dict[str, Any]:
         self._call("boot", spec.vm_id)
         self.running[spec.vm_id] = "running"
+        self.jails.add(spec.vm_id)
         return {"pid": 1, "fake": True}
 
     async def adopt(self, spec: BootSpec, handle: dict[str, Any]) -> bool:
@@ -70,6 +78,7 @@ class FakeBackend:
     async def cleanup(self, vm_id: str) -> None:
         self._call("cleanup", vm_id)
         self.running.pop(vm_id, None)
+        self.jails.discard(vm_id)
 
     def is_running(self, vm_id: str) -> bool:
         return vm_id in self.running
@@ -82,6 +91,55 @@ class FakeBackend:
 
     async def close(self) -> None:
         pass
+
+    # --- VmmRecovery ---------------------------------------------------------
+    async def vmm_status(self, vm_id: str) -> RunState:
+        state = self.running.get(vm_id)
+        if state is None:
+            raise BackendError(f"no fake VMM for {vm_id}")
+        return "paused" if state == "paused" else "running"
+
+    async def discard(self, vm_id: str, kill_strays: bool = True) -> list[int]:
+        self.discarded.append(vm_id)
+        self.running.pop(vm_id, None)
+        return []
+
+    def adopt_error(self, vm_id: str) -> str | None:
+        return None if vm_id in self.adoptable else "no VMM to adopt"
+
+    async def sweep_leftovers(self, known_vm_ids: set[str]) -> list[str]:
+        gone = sorted(self.jails - known_vm_ids)
+        self.jails -= set(gone)
+        return gone
+
+    # --- JailKeeper ----------------------------------------------------------
+    @property
+    def tap_owner(self) -> tuple[int, int] | None:
+        return None
+
+    def jail_exists(self, vm_id: str) -> bool:
+        return vm_id in self.jails
+
+    async def remove_jail(self, vm_id: str) -> None:
+        self.jails.discard(vm_id)
+
+    async def restore_jail(self, spec: BootSpec) -> None:
+        self.jails.add(spec.vm_id)
+
+    # --- IdentityAdopter (when built with identity_adoption=True) -------------
+    def identity_adopter(self) -> IdentityAdopter | None:
+        return self if self.identity_adoption else None
+
+    async def adopt_many(self, items: list[tuple[BootSpec, dict[str, Any]]]) -> set[str]:
+        self.calls.append(("adopt_many", ",".join(spec.vm_id for spec, _ in items)))
+        adopted = {spec.vm_id for spec, _ in items if spec.vm_id in self.adoptable}
+        for vm_id in adopted:
+            self.running.setdefault(vm_id, "running")
+        return adopted
+
+    async def attach(self, vm_id: str) -> bool:
+        self.calls.append(("attach", vm_id))
+        return vm_id in self.running
 
     def crash(self, vm_id: str, reason: str = "killed by signal SIGKILL") -> None:
         """Simulate a VMM dying on its own."""
@@ -135,12 +193,33 @@ class FakeNetwork:
         self.allocs.pop(vm_id, None)
 
     def setup_steps(
-        self, alloc: Any, owner_uid: int | None = None, owner_gid: int | None = None
-    ) -> list[Any]:
+        self, alloc: NetworkAllocation, owner_uid: int | None = None, owner_gid: int | None = None
+    ) -> list[Step]:
         return []
 
-    async def teardown(self, alloc: Any) -> None:
+    def reapply_steps(
+        self, alloc: NetworkAllocation, owner_uid: int | None = None, owner_gid: int | None = None
+    ) -> list[Step]:
+        return []
+
+    def release_step(self, vm_id: str) -> Step:
+        held: dict[str, NetworkAllocation] = {}
+
+        async def release() -> None:
+            if vm_id in self.allocs:
+                held["alloc"] = self.allocs.pop(vm_id)
+
+        async def reclaim() -> None:
+            if "alloc" in held:
+                self.allocs[vm_id] = held["alloc"]
+
+        return FuncStep("release", release, reclaim)
+
+    async def teardown(self, alloc: NetworkAllocation) -> None:
         pass
+
+    async def settle(self, timeout: float = 10.0) -> bool:
+        return True
 
     async def sweep_leftovers(self, known_vm_ids: set[str]) -> list[str]:
         return []

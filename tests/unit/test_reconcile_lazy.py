@@ -19,7 +19,7 @@ class LazyBackend(FakeBackend):
     """A backend with ``adopt_many`` (identity only) and ``attach`` (the QMP connection)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(identity_adoption=True)
         self.mute: set[str] = set()  # adopted VMMs whose QMP never answers
         self.slow: set[str] = set()  # attach waits for ``release``
         self.release = asyncio.Event()

@@ -9,11 +9,11 @@ import json
 from metald.core.engine import VmView
 from metald.core.errors import InvalidArgument
 from metald.core.models import VmMetrics
+from metald.core.records import VmRecord
 from metald.gen.metal.vmprovisioner.v1 import vm_pb2 as pb
-from metald.store.sqlite import VmRow
 
 
-def vm_info(row: VmRow) -> pb.VmInfo:
+def vm_info(row: VmRecord) -> pb.VmInfo:
     return pb.VmInfo(
         vm_id=row.vm_id,
         state=row.state,  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""Names and small helpers the engine and reconciliation share."""
+"""Names and small helpers the operations and reconciliation share."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from metald.core.models import VmState
 ACTIVE = (VmState.RUNNING, VmState.PAUSED)
 # VMs reconciled at once at start-up (network re-apply and QMP adoption overlap).
 RECONCILE_CONCURRENCY = 32
-# delete moves a VM's run directory to <run_dir>/<TRASH_PREFIX><vm_id> until it commits.
-TRASH_PREFIX = ".deleting-"
 # Entries of the run directory that are not a VM's (the QEMU accelerator probe).
 RUN_DIR_RESERVED = frozenset({"accel-probe"})
 VM_DIR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
@@ -34,13 +32,14 @@ def state_name(state: int) -> str:
     return VmState(state).name
 
 
+def host_memory_bytes() -> int:
+    """This host's physical memory (the base of the memory budget)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def plain_files(directory: Path) -> set[str]:
     """Names of the plain files (and sockets) directly in ``directory``."""
     try:
         return {e.name for e in os.scandir(directory) if not e.is_dir(follow_symlinks=False)}
     except FileNotFoundError:
         return set()
-
-
-def trash_of(run_root: Path, vm_id: str) -> Path:
-    return run_root / f"{TRASH_PREFIX}{vm_id}"

@@ -1,22 +1,31 @@
-"""Interfaces the core needs from the outside world (backends, network, jailer).
+"""The ports of the core: what it needs from backends, the network and storage.
 
-The core only imports these; adapters under ``metald.backends`` and
-``metald.network`` implement them.
+The core imports only these; the adapters (``metald.backends``,
+``metald.network``, ``metald.store``) implement them and the daemon (the
+composition root) plugs them in. A backend is the union of three small
+contracts every backend keeps (:class:`VmmLifecycle`, :class:`VmmRecovery`,
+:class:`JailKeeper`) plus optional abilities it declares through
+:meth:`Backend.identity_adopter`, read once when the engine is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
 
-from metald.core.models import BootSpec, VmMetrics
+from metald.core.models import BootSpec, NetworkAllocation, NicRequest, VmMetrics
+from metald.core.plan import Step
+from metald.core.records import Intent, VmRecord
 
 # Called by a backend when a VMM exits on its own: (vm_id, reason).
 ExitCallback = Callable[[str, str], None]
 
+# A VMM's own run state, as far as the engine cares ("other": starting, stopped, an error state).
+RunState = Literal["running", "paused", "other"]
 
-class Backend(Protocol):
-    """One kind of VMM (QEMU, Firecracker).
+
+class VmmLifecycle(Protocol):
+    """Starting, driving and stopping one VMM per VM.
 
     ``handle`` values are JSON-serialisable dicts the backend returns from
     ``boot`` and gets back in ``adopt``; the store keeps them so a restarted
@@ -56,7 +65,7 @@ class Backend(Protocol):
         ...
 
     async def cleanup(self, vm_id: str) -> None:
-        """Kill any VMM left for the VM and remove the backend's files."""
+        """Kill any VMM left for the VM and remove the backend's files and jail."""
         ...
 
     def is_running(self, vm_id: str) -> bool: ...
@@ -70,31 +79,162 @@ class Backend(Protocol):
         ...
 
 
+class VmmRecovery(Protocol):
+    """What reconciliation and rollbacks ask of a backend."""
+
+    async def vmm_status(self, vm_id: str) -> RunState:
+        """The adopted VMM's own run state (settles an interrupted pause/resume)."""
+        ...
+
+    async def discard(self, vm_id: str, kill_strays: bool = True) -> None:
+        """Kill every VMM process of the VM and remove its runtime files (logs and
+        jail stay). ``kill_strays=False`` skips the search for untracked ones."""
+        ...
+
+    def adopt_error(self, vm_id: str) -> str | None:
+        """Why the last adoption of this VM failed (None: it did not, or unknown)."""
+        ...
+
+    async def sweep_leftovers(self, known_vm_ids: set[str]) -> list[str]:
+        """Remove stray VMMs and jails of VMs metald does not know; say what went."""
+        ...
+
+
+class JailKeeper(Protocol):
+    """The VM's jail, which it keeps while SHUTDOWN (with the VMM's logs)."""
+
+    @property
+    def tap_owner(self) -> tuple[int, int] | None:
+        """uid/gid the VM's TAP must belong to (a jailed VMM opens it without root)."""
+        ...
+
+    def jail_exists(self, vm_id: str) -> bool: ...
+
+    async def remove_jail(self, vm_id: str) -> None:
+        """Remove the jail (killing what is left in its cgroup); idempotent."""
+        ...
+
+    async def restore_jail(self, spec: BootSpec) -> None:
+        """Make the jail again (the undo of ``remove_jail`` in a failed delete)."""
+        ...
+
+
+class IdentityAdopter(Protocol):
+    """Optional: adopt many VMMs at start-up on their identity alone (one batch of
+    /proc checks), and connect each one's control socket later."""
+
+    async def adopt_many(self, items: list[tuple[BootSpec, dict[str, Any]]]) -> set[str]: ...
+
+    async def attach(self, vm_id: str) -> bool:
+        """Connect the control socket of a VMM adopted by ``adopt_many``; False if
+        it does not answer (``adopt_error`` says why)."""
+        ...
+
+
+class Backend(VmmLifecycle, VmmRecovery, JailKeeper, Protocol):
+    """A VMM backend (QEMU, Firecracker): every contract above, plus its options."""
+
+    def identity_adopter(self) -> IdentityAdopter | None:
+        """The batched adoption this backend offers, if any (read once)."""
+        ...
+
+
 class Network(Protocol):
-    """Per-VM networks and the host setup (implemented by metald.network)."""
+    """Per-VM networks and the host setup (implemented by metald.network).
+
+    The network owns its resources: it re-applies its own steps (``reapply_steps``)
+    and gives back what it released when a delete is undone (``release_step``).
+    """
 
     async def setup_host(self) -> None: ...
 
     async def teardown_host(self) -> None: ...
 
-    async def allocate(self, vm_id: str, nic: Any) -> Any: ...
+    async def check(self) -> tuple[bool, str]: ...
+
+    async def allocate(self, vm_id: str, nic: NicRequest | None) -> NetworkAllocation:
+        """Claim the VM's address, host ports and device names (idempotent per VM)."""
+        ...
 
     async def release(self, vm_id: str) -> None: ...
 
-    def setup_steps(
-        self, alloc: Any, owner_uid: int | None = None, owner_gid: int | None = None
-    ) -> list[Any]: ...
+    def release_step(self, vm_id: str) -> Step:
+        """A step releasing the VM's claims whose undo claims exactly them again."""
+        ...
 
-    async def teardown(self, alloc: Any) -> None: ...
+    def setup_steps(
+        self, alloc: NetworkAllocation, owner_uid: int | None = None, owner_gid: int | None = None
+    ) -> list[Step]:
+        """The steps making the VM's network (each undone if a later one fails)."""
+        ...
+
+    def reapply_steps(
+        self, alloc: NetworkAllocation, owner_uid: int | None = None, owner_gid: int | None = None
+    ) -> list[Step]:
+        """The steps making an existing VM network whole again: missing parts are
+        made, present ones left alone, and nothing the VM had is undone."""
+        ...
+
+    async def teardown(self, alloc: NetworkAllocation) -> None: ...
+
+    async def settle(self, timeout: float) -> bool:
+        """Wait until the devices of torn-down VMs are gone (False: timed out)."""
+        ...
 
     async def sweep_leftovers(self, known_vm_ids: set[str]) -> list[str]: ...
 
-    async def check(self) -> tuple[bool, str]: ...
+    def kernel_ip_arg(self, alloc: NetworkAllocation) -> str: ...
 
-    def kernel_ip_arg(self, alloc: Any) -> str: ...
+    async def tap_counters(self, alloc: NetworkAllocation) -> tuple[int, int, int, int]: ...
 
-    async def tap_counters(self, alloc: Any) -> tuple[int, int, int, int]: ...
+    def allocation_to_dict(self, alloc: NetworkAllocation) -> dict[str, Any]: ...
 
-    def allocation_to_dict(self, alloc: Any) -> dict[str, Any]: ...
+    def allocation_from_dict(self, data: dict[str, Any]) -> NetworkAllocation: ...
 
-    def allocation_from_dict(self, data: dict[str, Any]) -> Any: ...
+
+class Repository(Protocol):
+    """Durable state (implemented by metald.store): VM records, intents, events."""
+
+    def insert_vm(
+        self,
+        vm_id: str,
+        customer_id: str,
+        state: int,
+        config: bytes,
+        spec: dict[str, Any],
+        backend: str,
+        vcpu_count: int,
+        memory_bytes: int,
+        metadata: dict[str, str],
+        network: dict[str, Any] | None = None,
+    ) -> VmRecord:
+        """Raises DuplicateVm if the id is taken."""
+        ...
+
+    def get_vm(self, vm_id: str) -> VmRecord | None: ...
+
+    def update_vm(self, vm_id: str, **fields: Any) -> None: ...
+
+    def delete_vm(self, vm_id: str) -> None:
+        """Forget the VM with its address claims and intent."""
+        ...
+
+    def list_vms(
+        self,
+        states: Sequence[int] = (),
+        after_seq: int = 0,
+        limit: int = 100,
+        customer_id: str | None = None,
+    ) -> tuple[list[VmRecord], int]: ...
+
+    def all_vms(self) -> list[VmRecord]: ...
+
+    def active_memory_bytes(self) -> int: ...
+
+    def add_event(self, vm_id: str, operation: str, outcome: str, detail: str = "") -> None: ...
+
+    def begin_intent(self, vm_id: str, operation: str, detail: dict[str, Any] | None = None) -> None: ...
+
+    def end_intent(self, vm_id: str) -> None: ...
+
+    def intents(self) -> list[Intent]: ...

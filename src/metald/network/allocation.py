@@ -9,6 +9,7 @@ Calling again for a VM that already holds claims returns the same allocation.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 from typing import Any
 
 from metald.config import Settings
@@ -147,6 +148,49 @@ class Allocator:
         self.ports.release(self.store, vm_id)
         self.ips.release(self.store, vm_id)
         self.store.release_short_id(vm_id)
+
+    def claims(self, vm_id: str) -> Claims:
+        return Claims(self.store.short_id_of(vm_id), self.store.ip_of(vm_id), self.store.ports_of(vm_id))
+
+    def reclaim(self, vm_id: str, claims: Claims) -> None:
+        """Claim exactly ``claims`` for the VM again (the undo of a release)."""
+        if claims.short_id:
+            self.store.claim_short_id(vm_id, claims.short_id)
+        if claims.ip:
+            self.store.claim_ip(vm_id, claims.ip)
+        for host_port, protocol, guest_port in claims.ports:
+            self.store.claim_port(vm_id, host_port, protocol, guest_port)
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What one VM holds in the store."""
+
+    short_id: str | None
+    ip: str | None
+    ports: list[tuple[int, str, int]]
+
+
+class ReleaseStep:
+    """Release a VM's claims; the undo claims exactly them again."""
+
+    name = "release"
+
+    def __init__(self, allocator: Allocator, vm_id: str) -> None:
+        self._allocator = allocator
+        self._vm_id = vm_id
+        self._held: Claims | None = None
+
+    async def is_done(self) -> bool:
+        return False
+
+    async def do(self) -> None:
+        self._held = self._allocator.claims(self._vm_id)
+        self._allocator.release(self._vm_id)
+
+    async def undo(self) -> None:
+        if self._held is not None:
+            self._allocator.reclaim(self._vm_id, self._held)
 
 
 def allocation_to_dict(alloc: NetworkAllocation) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from metald.store.sqlite import Store
 log = logging.getLogger(__name__)
 
 
-
 class NetworkManager:
     """Host setup, per-VM allocation (store), per-VM devices (steps) and cleanup.
 
@@ -65,6 +64,21 @@ class NetworkManager:
         owner_gid: int | None = None,
     ) -> list[Step]:
         return vm.steps(self._vm(alloc, owner_uid, owner_gid), self._reaper, self._batcher)
+
+    def reapply_steps(
+        self,
+        alloc: NetworkAllocation,
+        owner_uid: int | None = None,
+        owner_gid: int | None = None,
+    ) -> list[Step]:
+        """The setup steps for an existing VM network: missing parts are made
+        again, present ones left alone, and nothing the VM had is undone."""
+        return vm.reapply_steps(vm.steps(self._vm(alloc, owner_uid, owner_gid), self._reaper, self._batcher))
+
+    def release_step(self, vm_id: str) -> Step:
+        """Release the VM's claims (IP, host ports, device-name id); the undo claims
+        exactly them again (DeleteVm's ``release`` step)."""
+        return allocation.ReleaseStep(self._allocator, vm_id)
 
     async def teardown(self, alloc: NetworkAllocation) -> None:
         """Namespace, host neighbour entry and nft elements; the kernel destroys

@@ -7,28 +7,14 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-vm_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("vm_id", default="")
-operation_var: contextvars.ContextVar[str] = contextvars.ContextVar("operation", default="")
+from metald.core.logs import log_context, operation_var, vm_id_var
+
 trace_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("trace_id", default="")
 
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
-
-@contextmanager
-def log_context(vm_id: str = "", operation: str = "") -> Iterator[None]:
-    tokens = []
-    if vm_id:
-        tokens.append((vm_id_var, vm_id_var.set(vm_id)))
-    if operation:
-        tokens.append((operation_var, operation_var.set(operation)))
-    try:
-        yield
-    finally:
-        for var, token in reversed(tokens):
-            var.reset(token)
+__all__ = ["JsonFormatter", "log_context", "operation_var", "trace_id_var", "vm_id_var"]
 
 
 class JsonFormatter(logging.Formatter):

@@ -15,9 +15,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from metald.core.models import VmState
+from metald.core.records import DuplicateVm, Intent, VmRecord
+
+__all__ = ["AddressTaken", "DuplicateVm", "Intent", "Store", "VmRow"]
 
 MIGRATIONS: list[str] = [
     # 1: initial schema
@@ -79,44 +83,17 @@ MIGRATIONS: list[str] = [
 ]
 
 
-@dataclass
-class VmRow:
-    seq: int
-    vm_id: str
-    customer_id: str
-    state: int
-    config: bytes  # serialized VmConfig protobuf
-    spec: dict[str, Any]  # the validated VmDraft (see metald.core.specs)
-    backend: str
-    handle: dict[str, Any]
-    network: dict[str, Any]
-    status: dict[str, Any]
-    vcpu_count: int
-    memory_bytes: int
-    metadata: dict[str, str]
-    created_at: int
-    modified_at: int
+class VmRow(VmRecord):
+    """A VmRecord read from the store: its JSON columns are decoded on first use
+    (see _row_to_vm)."""
 
     def __getattr__(self, name: str) -> Any:
-        # Rows read from the store decode a JSON column on first use (see _row_to_vm).
         raw = self.__dict__.get("_raw")
         if raw is not None and name in raw:
             value = json.loads(raw[name])
             setattr(self, name, value)
             return value
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-
-@dataclass
-class Intent:
-    vm_id: str
-    operation: str
-    started_at: float
-    detail: dict[str, Any] = field(default_factory=dict)
-
-
-class DuplicateVm(Exception):
-    pass
 
 
 class AddressTaken(Exception):
@@ -138,7 +115,7 @@ def _row_to_vm(row: Sequence[Any]) -> VmRow:
         seq=row[0],
         vm_id=row[1],
         customer_id=row[2],
-        state=row[3],
+        state=VmState(row[3]),
         config=row[4],
         backend=row[6],
         vcpu_count=row[10],
@@ -158,11 +135,6 @@ class Store:
             str(path), isolation_level=None, check_same_thread=False, timeout=30
         )
         self._lock = threading.RLock()
-        # SUM(memory_bytes) kept up to date by this connection's writes, so the
-        # capacity check of every CreateVm does not scan all VMs; recomputed
-        # when another connection changed the file (PRAGMA data_version).
-        self._memory_total: int | None = None
-        self._data_version = -1
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -189,14 +161,9 @@ class Store:
             try:
                 yield self._db
             except BaseException:
-                self._memory_total = None  # it may count the rolled-back change
                 self._db.execute("ROLLBACK")
                 raise
-            try:
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._memory_total = None
-                raise
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -242,8 +209,6 @@ class Store:
                         now,
                     ),
                 )
-                if self._memory_total is not None:
-                    self._memory_total += memory_bytes
         except sqlite3.IntegrityError as exc:
             raise DuplicateVm(vm_id) from exc
         vm = self.get_vm(vm_id)
@@ -270,15 +235,10 @@ class Store:
         values.append(vm_id)
         with self._tx() as db:
             db.execute(f"UPDATE vms SET {', '.join(sets)} WHERE vm_id = ?", values)
-            if "memory_bytes" in fields:
-                self._memory_total = None
 
     def delete_vm(self, vm_id: str) -> None:
         with self._tx() as db:
-            found = db.execute("SELECT memory_bytes FROM vms WHERE vm_id = ?", (vm_id,)).fetchone()
             db.execute("DELETE FROM vms WHERE vm_id = ?", (vm_id,))
-            if found is not None and self._memory_total is not None:
-                self._memory_total -= found[0]
             db.execute("DELETE FROM ip_allocations WHERE vm_id = ?", (vm_id,))
             db.execute("DELETE FROM port_allocations WHERE vm_id = ?", (vm_id,))
             db.execute("DELETE FROM net_short_ids WHERE vm_id = ?", (vm_id,))
@@ -317,14 +277,6 @@ class Store:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM vms GROUP BY state").fetchall()
         return {state: count for state, count in rows}
-
-    def total_memory_bytes(self) -> int:
-        with self._lock:
-            version = self._db.execute("PRAGMA data_version").fetchone()[0]
-            if self._memory_total is None or version != self._data_version:
-                self._memory_total = self._db.execute("SELECT COALESCE(SUM(memory_bytes),0) FROM vms").fetchone()[0]
-                self._data_version = version
-            return self._memory_total
 
     def active_memory_bytes(self) -> int:
         """Memory of the VMs that hold it: RUNNING and PAUSED (uses the state index)."""

@@ -46,7 +46,7 @@ from metald.backends.process import ProcessWatch, describe_status, spawn
 from metald.config import Settings
 from metald.core.errors import BackendError, FailedPrecondition
 from metald.core.models import BootSpec, VmMetrics
-from metald.core.ports import ExitCallback
+from metald.core.ports import ExitCallback, RunState
 
 if TYPE_CHECKING:
     from metald.jailer.jailer import Jailer
@@ -141,6 +141,7 @@ class FirecrackerBackend:
         self.reboot_grace_s = reboot_grace_s
         self._vms: dict[str, _Vm] = {}
         self._on_exit_cb: ExitCallback | None = None
+        self._adopt_errors: dict[str, str] = {}  # vm_id -> why the last adopt() said no
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self._on_exit_cb = callback
@@ -163,6 +164,38 @@ class FirecrackerBackend:
     async def remove_jail(self, vm_id: str) -> None:
         """Remove the VM's jail (and cgroup, killing what is left in it)."""
         await self.launcher.teardown(vm_id)
+
+    async def restore_jail(self, spec: BootSpec) -> None:
+        """Make the VM's jail again (a failed DeleteVm's undo). Firecracker's jail
+        is built fresh at every boot, so this makes an empty one: the log of the
+        VM's last run, which lived in it, is not brought back."""
+        self.launcher.prepare(spec)
+        await self.launcher.setup(spec)
+
+    def identity_adopter(self) -> None:
+        """None: each Firecracker is adopted on its own (``adopt`` asks its API)."""
+        return None
+
+    def adopt_error(self, vm_id: str) -> str | None:
+        return self._adopt_errors.get(vm_id)
+
+    async def vmm_status(self, vm_id: str) -> RunState:
+        """The instance's state from Firecracker's API (``Running`` or ``Paused``)."""
+        state = (await self._running(vm_id).client.describe_instance()).get("state")
+        return "running" if state == "Running" else "paused" if state == "Paused" else "other"
+
+    async def discard(self, vm_id: str, kill_strays: bool = True) -> list[int]:
+        """Stop the VM's Firecracker if one runs, forget it, and (``kill_strays``)
+        kill an untracked one of this VM; the logs and the jail stay."""
+        vm = self._vms.get(vm_id)
+        if vm is not None:
+            if vm.watch.alive:
+                await self._stop(vm, force=True, timeout_s=0)
+            await self._forget(vm_id)
+        if kill_strays:
+            run_dir = self.settings.run_dir / vm_id
+            self._kill_strays(vm_id, self.launcher.api_sock_arg(vm_id, run_dir))
+        return []
 
     # --- host check -----------------------------------------------------------------
     async def ping(self) -> tuple[bool, str]:
@@ -359,11 +392,14 @@ class FirecrackerBackend:
 
     # --- re-attach --------------------------------------------------------------------
     async def adopt(self, spec: BootSpec, handle: dict[str, Any]) -> bool:
+        self._adopt_errors.pop(spec.vm_id, None)
         parsed = FcHandle.from_dict(handle)
         if parsed is None or parsed.vm_id != spec.vm_id:
+            self._adopt_errors[spec.vm_id] = "no usable VMM handle"
             return False
         why = mismatch(parsed)
         if why is not None:
+            self._adopt_errors[spec.vm_id] = why
             log.info("not adopting firecracker for %s: %s", spec.vm_id, why)
             return False
         vm = self._track(parsed, None, None)
@@ -372,6 +408,7 @@ class FirecrackerBackend:
         try:
             await vm.client.describe_instance()
         except BackendError as exc:
+            self._adopt_errors[spec.vm_id] = f"API of pid {parsed.pid} did not answer: {exc}"
             log.info("not adopting firecracker for %s: API does not answer: %s", spec.vm_id, exc)
             await self._forget(spec.vm_id)
             return False

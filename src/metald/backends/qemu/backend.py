@@ -36,7 +36,7 @@ from metald.config import Settings
 from metald.core.errors import BackendError
 from metald.core.models import BootSpec, VmMetrics
 from metald.core.plan import Plan
-from metald.core.ports import ExitCallback
+from metald.core.ports import ExitCallback, IdentityAdopter, RunState
 from metald.jailer import cgroup as cgroups
 from metald.jailer.jailer import Jailer
 from metald.jailer.layout import VM_ID_RE
@@ -273,9 +273,20 @@ class QemuBackend:
         """Why the last :meth:`adopt` of this VM failed (None if it did not)."""
         return self._adopt_errors.get(vm_id)
 
-    async def vmm_status(self, vm_id: str) -> str:
-        """QEMU's run state over QMP (``running``, ``paused``, ...)."""
-        return await (await self._ready(self._running(vm_id))).status()
+    async def vmm_status(self, vm_id: str) -> RunState:
+        """QEMU's run state over QMP: ``running``, ``paused``, or ``other``
+        (prelaunch, an error state, ...)."""
+        status = await (await self._ready(self._running(vm_id))).status()
+        return "running" if status == "running" else "paused" if status == "paused" else "other"
+
+    def identity_adopter(self) -> IdentityAdopter:
+        """QEMU adopts on identity in one batch and attaches QMP later (adopt_many, attach)."""
+        return self
+
+    @property
+    def tap_owner(self) -> tuple[int, int] | None:
+        """None: QEMU opens its TAP before the jail drops root (see jailer/qemu.py)."""
+        return None
 
     def _markers(self, only: str | None, keep: dict[str, int]) -> list[tuple[int, str]]:
         """(pid, vm_id) of processes carrying this metald's VMM markers (a QMP socket
