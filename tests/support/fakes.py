@@ -54,7 +54,7 @@ class FakeBackend:
     async def adopt(self, spec: BootSpec, handle: dict[str, Any]) -> bool:
         self.calls.append(("adopt", spec.vm_id))
         if spec.vm_id in self.adoptable:
-            self.running[spec.vm_id] = "running"
+            self.running.setdefault(spec.vm_id, "running")  # a VMM keeps its run state
             return True
         return False
 

@@ -63,9 +63,9 @@ def boot_spec(
     draft: VmDraft,
     network: NetworkAllocation | None,
     ip_arg: str | None,
-    run_root: Path,
+    run_dir: Path,
 ) -> BootSpec:
-    run_dir = run_root / vm_id
+    """``run_dir``: the VM's own run directory (see core/layout.py)."""
     return BootSpec(
         vm_id=vm_id,
         vcpu_count=draft.vcpu_count,
