@@ -19,6 +19,7 @@ No registry ships Firecracker and /dev/kvm here cannot run stock guests, so:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -32,7 +33,7 @@ import httpx
 import pytest
 
 from metald.backends.qemu.clock import cached_host_tsc_khz
-from metald.jailer.cgroup import detect
+from metald.jailer.cgroup import CgroupPaths, detect
 from tests.conftest import ROOT
 from tests.firecracker_double import harness
 from tests.support import daemon as daemon_mod
@@ -138,8 +139,13 @@ def _vmm_pid(d: DaemonProcess, vm: str) -> int:
     return int(info["vmm_pid"])
 
 
-def _cgroup_limits(vm: str) -> dict[str, str]:
-    paths = detect().paths_for(vm)
+def _cgroup_paths(parent: str, vm: str) -> CgroupPaths:
+    """The VM's cgroup under the daemon's own UNKEY_METALD_JAILER_CGROUP_PARENT."""
+    return dataclasses.replace(detect(), parent=parent).paths_for(vm)
+
+
+def _cgroup_limits(parent: str, vm: str) -> dict[str, str]:
+    paths = _cgroup_paths(parent, vm)
     if paths.version == 2:
         d = paths.dir_for("memory")
         return {
@@ -155,8 +161,8 @@ def _cgroup_limits(vm: str) -> dict[str, str]:
     }
 
 
-def _cgroup_dirs(vm: str) -> list[Path]:
-    return list(detect().paths_for(vm).dirs)
+def _cgroup_dirs(parent: str, vm: str) -> list[Path]:
+    return list(_cgroup_paths(parent, vm).dirs)
 
 
 def check_jailed_process(env: Jailed, vm: str) -> int:
@@ -178,9 +184,10 @@ def check_jailed_process(env: Jailed, vm: str) -> int:
     limits = Path(f"/proc/{pid}/limits").read_text()
     assert re.search(r"^Max open files\s+1024\s+1024\s", limits, re.M), limits
     # its cgroup(s), with the VM's limits: guest memory + the VMM allowance, vCPUs + 100 % CPU, tasks
-    for directory in _cgroup_dirs(vm):
+    for directory in _cgroup_dirs(d.cgroup_parent, vm):
         assert str(pid) in (directory / "cgroup.procs").read_text().split(), directory
-    assert _cgroup_limits(vm) == {"memory": str(128 * MIB + 128 * MIB), "cpu": "200000 100000", "pids": "258"}
+    limits = {"memory": str(128 * MIB + 128 * MIB), "cpu": "200000 100000", "pids": "258"}
+    assert _cgroup_limits(d.cgroup_parent, vm) == limits
     # the jail: assets and device nodes owned by the jailed ids, nothing else of the host
     for name, kind in (("dev/kvm", stat.S_ISCHR), ("dev/net/tun", stat.S_ISCHR), ("vmlinuz", stat.S_ISREG)):
         st = os.lstat(root / name)
@@ -275,7 +282,7 @@ def test_jailed_firecracker_lifecycle_through_the_api(jailed: Jailed) -> None:
     assert d.rpc("GetVmInfo", {"vmId": vm})["backendInfo"]["last_exit_reason"] == "guest poweroff"
     assert not Path(f"/proc/{pid}").exists()
     assert (jailed.jail_dir(vm) / "root" / "run" / "firecracker.log").exists()
-    assert all((p / "cgroup.procs").read_text() == "" for p in _cgroup_dirs(vm))
+    assert all((p / "cgroup.procs").read_text() == "" for p in _cgroup_dirs(jailed.daemon.cgroup_parent, vm))
 
     # boot again, then a forced shutdown
     assert d.rpc("BootVm", {"vmId": vm})["state"] == "VM_STATE_RUNNING"
@@ -289,7 +296,7 @@ def test_jailed_firecracker_lifecycle_through_the_api(jailed: Jailed) -> None:
     assert d.rpc("DeleteVm", {"vmId": vm, "force": True})["success"] is True
     assert not Path(f"/proc/{pid}").exists()
     assert not jailed.jail_dir(vm).exists()
-    assert not any(p.exists() for p in _cgroup_dirs(vm))
+    assert not any(p.exists() for p in _cgroup_dirs(jailed.daemon.cgroup_parent, vm))
     assert_no_leaks(before, jailed.snapshot(vm), ignore=SHARED)
     assert all(r["status"] in (200, 204) for r in jailed.requests()), [r for r in jailed.requests() if r["fault"]]
 
@@ -308,7 +315,8 @@ def test_firecracker_error_is_a_clear_rpc_error_and_leaves_nothing(jailed: Jaile
     assert d.state(vm) == "VM_STATE_CREATED"
     # nothing of the failed boot is left: no process, jail or cgroup (the VM's network stays)
     assert_no_leaks(created, jailed.snapshot(vm), ignore=("run_files", *SHARED))
-    assert not jailed.jail_dir(vm).exists() and not any(p.exists() for p in _cgroup_dirs(vm))
+    assert not jailed.jail_dir(vm).exists()
+    assert not any(p.exists() for p in _cgroup_dirs(jailed.daemon.cgroup_parent, vm))
 
     jailed.set_knobs()  # the next start works
     assert d.rpc("BootVm", {"vmId": vm})["state"] == "VM_STATE_RUNNING"
@@ -333,7 +341,8 @@ def test_leftover_jails_are_swept_at_start(tmp_path: Path, jailed: Jailed) -> No
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists()  # killed with its cgroup
-    assert not jailed.jail_dir(vm).exists() and not any(p.exists() for p in _cgroup_dirs(vm))
+    assert not jailed.jail_dir(vm).exists()
+    assert not any(p.exists() for p in _cgroup_dirs(jailed.daemon.cgroup_parent, vm))
     assert "jail fcj-left" in d.log.read_text()
 
 
