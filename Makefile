@@ -49,14 +49,14 @@ $(IMAGE_DIR)/.stamp: guest/build-image.sh guest/init
 	bash guest/build-image.sh $(IMAGE_DIR)
 	touch $@
 
-lint: venv ## ruff
+lint: venv gen ## ruff and mypy (the type check covers src/, generated code excluded)
 	$(BIN)/ruff check
+	$(BIN)/mypy
 
 test-unit: dev ## Unit tests only (no root, no VMs)
 	$(BIN)/pytest -q tests/unit
 
-test: dev image ## Set everything up and run the whole suite
-	$(BIN)/ruff check
+test: dev image lint ## Set everything up, lint, and run the whole suite
 	tests/run-suite.sh
 
 clean: ## Remove the venv, generated code and built image

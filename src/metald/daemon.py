@@ -14,7 +14,7 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
 from metald.api.app import MetaldApp
-from metald.api.health import Health
+from metald.api.health import Check, Health
 from metald.api.service import VmServiceImpl
 from metald.api.tls import ServerTls, open_tls
 from metald.backends.factory import make_backend
@@ -85,7 +85,7 @@ async def build(settings: Settings, tls: ServerTls | None = None) -> Daemon:
         store.ping()
         return True, f"sqlite schema v{store.schema_version}"
 
-    checks = {"store": store_check, "backend": backend.ping}
+    checks: dict[str, Check] = {"store": store_check, "backend": backend.ping}
     if network is not None:
         checks["network"] = network.check
     health = Health(checks, backend.name)

@@ -102,12 +102,12 @@ class MetaldApp:
             await self._refuse(scope, send, exc)
             return
         token = caller_var.set(caller)
-        body = _BodyTracker(receive)
+        tracker = _BodyTracker(receive)
         try:
-            await self.connect(scope, body.receive, send)
+            await self.connect(scope, tracker.receive, send)
         finally:
             caller_var.reset(token)
-        await body.drain(DRAIN_FACTOR * self.max_request_bytes)
+        await tracker.drain(DRAIN_FACTOR * self.max_request_bytes)
 
     def _caller(self, scope: Scope) -> Any:
         if self.peer_identity is not None:

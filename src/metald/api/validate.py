@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from metald.config import Settings
@@ -191,8 +192,8 @@ def _nic(nic: pb.NetworkInterface, settings: Settings) -> NicRequest:
     )
 
 
-def metadata(values: dict[str, str] | object, field: str) -> tuple[tuple[str, str], ...]:
-    items = dict(values)  # type: ignore[call-overload]
+def metadata(values: Mapping[str, str], field: str) -> tuple[tuple[str, str], ...]:
+    items = dict(values)
     if len(items) > MAX_METADATA_ENTRIES:
         raise InvalidArgument(field, f"at most {MAX_METADATA_ENTRIES} entries")
     for key, value in items.items():

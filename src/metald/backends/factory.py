@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from metald.config import Settings
 from metald.core.errors import Unavailable
 from metald.core.ports import Backend
 
+if TYPE_CHECKING:
+    from metald.jailer.jailer import Jailer
+
 log = logging.getLogger(__name__)
 
 
-def _jailer(settings: Settings) -> object | None:
+def _jailer(settings: Settings) -> Jailer | None:
     if not settings.jailer_enabled:
         return None
     from metald.jailer.jailer import Jailer
@@ -24,14 +28,14 @@ def _jailer(settings: Settings) -> object | None:
 def _qemu(settings: Settings) -> Backend:
     from metald.backends.qemu.backend import QemuBackend
 
-    return QemuBackend(settings, _jailer(settings))  # type: ignore[arg-type]
+    return QemuBackend(settings, _jailer(settings))
 
 
 def _firecracker(settings: Settings) -> Backend:
     from metald.backends.firecracker.backend import FirecrackerBackend
 
     # The jailer settings are checked for Firecracker's own jailer too (same uid/gid/chroot dir).
-    return FirecrackerBackend(settings, jailer=_jailer(settings))  # type: ignore[arg-type]
+    return FirecrackerBackend(settings, jailer=_jailer(settings))
 
 
 async def make_backend(settings: Settings) -> Backend:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,7 +54,7 @@ class Context:
         self.layout = VmLayout.from_settings(settings)
 
     # --- reading a VM ----------------------------------------------------------
-    def plan(self, name: str, steps: list[Step]) -> Plan:
+    def plan(self, name: str, steps: Sequence[Step]) -> Plan:
         return Plan(name, steps, observers=list(self.step_observers))
 
     def row(self, vm_id: str) -> VmRecord:

@@ -86,9 +86,10 @@ class VmmRecovery(Protocol):
         """The adopted VMM's own run state (settles an interrupted pause/resume)."""
         ...
 
-    async def discard(self, vm_id: str, kill_strays: bool = True) -> None:
+    async def discard(self, vm_id: str, kill_strays: bool = True) -> list[int]:
         """Kill every VMM process of the VM and remove its runtime files (logs and
-        jail stay). ``kill_strays=False`` skips the search for untracked ones."""
+        jail stay); return the pids of untracked ones killed. ``kill_strays=False``
+        skips the search for those."""
         ...
 
     def adopt_error(self, vm_id: str) -> str | None:

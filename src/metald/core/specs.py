@@ -39,12 +39,12 @@ def draft_from_dict(data: dict[str, Any]) -> VmDraft:
             ipv4=nic.get("ipv4"),
             rx_rate_limit=_rate(nic.get("rx_rate_limit")),
             tx_rate_limit=_rate(nic.get("tx_rate_limit")),
-            options=tuple(tuple(o) for o in nic.get("options", ())),  # type: ignore[misc]
+            options=tuple((str(k), str(v)) for k, v in nic.get("options", ())),
         )
         if nic
         else None,
         console_enabled=data.get("console_enabled", True),
-        metadata=tuple(tuple(m) for m in data.get("metadata", ())),  # type: ignore[misc]
+        metadata=tuple((str(k), str(v)) for k, v in data.get("metadata", ())),
     )
 
 

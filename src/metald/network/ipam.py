@@ -88,9 +88,9 @@ class Ipv4Pool:
         with self._lock:
             for attempt in range(2):
                 used = self._used if self._used is not None and attempt == 0 else self._load(store)
-                ip = self._claim_free(store, vm_id, used)
-                if ip is not None:
-                    return ip
+                free = self._claim_free(store, vm_id, used)
+                if free is not None:
+                    return free
             raise ResourceExhausted(
                 f"IPv4 pool {self.subnet} is exhausted ({len(used)} addresses in use)"
             )

@@ -136,9 +136,9 @@ class NetworkManager:
                     text = " . ".join([f'"{ifname}"', *rest])
                     stale.append(rules.Element("bridge", rules.BRIDGE_TABLE, set_name, text))
         for proto, map_name in rules.FWD_MAPS.items():
-            for key, value in await _map_items("inet", rules.INET_TABLE, map_name):
-                if ports.get((int(key), proto)) != value:
-                    stale.append(rules.Element("inet", rules.INET_TABLE, map_name, key, value))
+            for port, value in await _map_items("inet", rules.INET_TABLE, map_name):
+                if ports.get((int(port), proto)) != value:
+                    stale.append(rules.Element("inet", rules.INET_TABLE, map_name, port, value))
         if stale:
             await vm.remove_elements(stale, self._batcher)
         return [f"nft {e.family} {e.table} {e.set} {{ {e.text()} }}" for e in stale]
@@ -196,7 +196,7 @@ def _sweep_trunk_entries(ipr: Any, links: list[Any], known_macs: set[str]) -> li
         for link in links
         if (link.get_attr("IFLA_IFNAME") or "").startswith(names.TRUNK_MAIN_PREFIX)
     }
-    removed = []
+    removed: list[str] = []
     if not trunks:
         return removed
     for entry in ipr.get_neighbours(family=AF_BRIDGE):

@@ -126,7 +126,7 @@ def _process_ns() -> int:
 @contextmanager
 def entered(name: str | None) -> Iterator[None]:
     """Run the body with this thread inside namespace ``name`` (None: stay)."""
-    if name is None or (name == getattr(_local, "inside", None) and getattr(_local, "depth", 0)):
+    if name is None or (name == getattr(_local, "inside", None) and getattr(_local, "depth", 0) > 0):
         yield  # not switching, or already inside it (a nested entry)
         return
     try:

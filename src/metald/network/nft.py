@@ -153,10 +153,10 @@ async def list_json(*what: str) -> list[dict[str, Any]]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await proc.communicate()
+    raw, err = await proc.communicate()
     if proc.returncode != 0:
         raise NftError(f"nft: {err.decode(errors='replace').strip()}", " ".join(what))
-    return json.loads(out or b"{}").get("nftables", [])
+    return json.loads(raw or b"{}").get("nftables", [])
 
 
 class Batcher:

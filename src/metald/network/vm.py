@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import struct
@@ -211,7 +212,9 @@ def _veth_ready(v: VmNet) -> bool:
         return False
     with netns.entered(v.ns), netns.ns_ipr() as nipr:
         vn = get_link(nipr, a.ns_veth)
-        return _is_up(vn) and vn.get_attr("IFLA_ADDRESS") == v.vn_mac and _conf_ready(vn, DEVICE_CONF)
+        if vn is None or not _is_up(vn):
+            return False
+        return bool(vn.get_attr("IFLA_ADDRESS") == v.vn_mac) and _conf_ready(vn, DEVICE_CONF)
 
 
 def _veth_create(v: VmNet) -> None:
@@ -261,7 +264,7 @@ def _tap_ready(v: VmNet) -> bool:
         return False
     with netns.entered(v.ns), netns.ns_ipr() as ipr:
         tap = get_link(ipr, v.alloc.tap)
-        if not _is_up(tap) or not _conf_ready(tap, DEVICE_CONF):
+        if tap is None or not _is_up(tap) or not _conf_ready(tap, DEVICE_CONF):
             return False
         info = tap.get_attr("IFLA_LINKINFO")
         data = info.get_attr("IFLA_INFO_DATA") if info else None
@@ -389,10 +392,7 @@ def _routes_delete(v: VmNet) -> None:
             oif = netns.ifindex(spec.pop("dev"))
             spec.pop("scope", None)
             if oif is not None:
-                _ignore(
-                    (errno.ESRCH, errno.ENOENT, errno.ENODEV),
-                    lambda oif=oif, spec=spec: ipr.route("del", oif=oif, **spec),
-                )
+                _ignore((errno.ESRCH, errno.ENOENT, errno.ENODEV), functools.partial(ipr.route, "del", oif=oif, **spec))
 
 
 # --- neighbours ----------------------------------------------------------------

@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import threading
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from metald.core.engine import ReconcileReport, VmEngine
+    from metald.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ class _StoreCollector(Collector):
         engine = self.engine
         if engine is None:
             return
-        counts = engine.store.count_by_state()
+        store = cast("Store", engine.store)  # the daemon's repository is the SQLite store
+        counts = store.count_by_state()
         family = GaugeMetricFamily("vm_instances", "VMs known to metald by state", labels=["state", "backend"])
         for state in STATES:
             family.add_metric([state.name.lower(), engine.backend.name], counts.get(int(state), 0))
@@ -97,7 +99,7 @@ class _StoreCollector(Collector):
         if engine.network is None:
             return
         yield GaugeMetricFamily("metald_ip_pool_size", "Addresses in the VM IP pool", value=self.pool_size)
-        free = max(self.pool_size - engine.store.ip_count(), 0)
+        free = max(self.pool_size - store.ip_count(), 0)
         yield GaugeMetricFamily("metald_ip_pool_free", "Addresses in the VM IP pool not allocated", value=free)
 
 

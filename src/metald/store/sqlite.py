@@ -186,7 +186,7 @@ class Store:
         memory_bytes: int,
         metadata: dict[str, str],
         network: dict[str, Any] | None = None,
-    ) -> VmRow:
+    ) -> VmRecord:
         now = int(time.time())
         try:
             with self._tx() as db:
@@ -215,7 +215,7 @@ class Store:
         assert vm is not None
         return vm
 
-    def get_vm(self, vm_id: str) -> VmRow | None:
+    def get_vm(self, vm_id: str) -> VmRecord | None:
         with self._lock:
             row = self._db.execute(
                 f"SELECT {_VM_COLUMNS} FROM vms WHERE vm_id = ?", (vm_id,)
@@ -250,9 +250,10 @@ class Store:
         after_seq: int = 0,
         limit: int = 100,
         customer_id: str | None = None,
-    ) -> tuple[list[VmRow], int]:
+    ) -> tuple[list[VmRecord], int]:
         """One page in creation order after ``after_seq``, and the filtered total."""
-        where, args = ["1=1"], []
+        where: list[str] = ["1=1"]
+        args: list[object] = []
         if states:
             where.append(f"state IN ({','.join('?' * len(states))})")
             args += list(states)
@@ -268,7 +269,7 @@ class Store:
             ).fetchall()
         return [_row_to_vm(r) for r in rows], total
 
-    def all_vms(self) -> list[VmRow]:
+    def all_vms(self) -> list[VmRecord]:
         with self._lock:
             rows = self._db.execute(f"SELECT {_VM_COLUMNS} FROM vms ORDER BY seq").fetchall()
         return [_row_to_vm(r) for r in rows]
@@ -380,7 +381,7 @@ class Store:
                 " WHERE vm_id = ? ORDER BY host_port",
                 (vm_id,),
             ).fetchall()
-        return [tuple(r) for r in rows]  # type: ignore[misc]
+        return [(int(r[0]), str(r[1]), int(r[2])) for r in rows]
 
     def used_ports(self, protocol: str) -> set[int]:
         with self._lock:

@@ -103,7 +103,8 @@ class QmpSession:
     async def _watch(self, listener: EventListener) -> None:
         async for event in listener:
             name = event.get("event")
-            data = event.get("data", {})
+            raw = event.get("data")
+            data: dict[str, Any] = raw if isinstance(raw, dict) else {}
             log.debug("qmp %s: event %s %s", self.name, name, data)
             if name == "SHUTDOWN":
                 self.shutdown_reason = str(data.get("reason", "unknown"))

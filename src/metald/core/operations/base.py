@@ -10,7 +10,7 @@ adding one subclass and registering it in ``core/operations/__init__.py``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -34,7 +34,7 @@ class Planned(Generic[Res]):
     succeeded and returns the result and the event's detail.
     """
 
-    steps: list[Step]
+    steps: Sequence[Step]
     answer: Callable[[], tuple[Res, str]]
     intent: dict[str, Any] | None = field(default_factory=dict)
 
