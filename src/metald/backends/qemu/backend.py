@@ -5,42 +5,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import shutil
-import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from metald.backends import procfs
-from metald.backends.process import ProcessWatch, describe_status, spawn
-from metald.backends.qemu import console, handle
+from metald.backends.process import ProcessWatch, spawn
+from metald.backends.qemu import console, handle, strays
 from metald.backends.qemu.accel import PROBE_TIMEOUT_S, AccelChooser, probe_kvm
 from metald.backends.qemu.clock import cached_host_tsc_khz, tcg_extra_args
 from metald.backends.qemu.command import (
     CommandOptions,
     argv_hash,
     build_argv,
-    launch_argv,
     pid_file_path,
     qmp_socket_path,
     vmm_log_path,
 )
+from metald.backends.qemu.launch import JailedLauncher, PlainLauncher, QemuLauncher
 from metald.backends.qemu.metrics import CpuSample, apply_blockstats, read_network, read_process
-from metald.backends.qemu.qmp import QmpSession, describe_shutdown
+from metald.backends.qemu.qmp import QmpSession, exit_reason
 from metald.backends.qemu.validate import validate_spec
 from metald.config import Settings
 from metald.core.errors import BackendError
+from metald.core.layout import VmLayout
 from metald.core.models import BootSpec, VmMetrics
-from metald.core.plan import Plan
 from metald.core.ports import ExitCallback, IdentityAdopter, RunState
-from metald.jailer import cgroup as cgroups
 from metald.jailer.jailer import Jailer
-from metald.jailer.layout import VM_ID_RE
-from metald.jailer.qemu import qemu_confinement_args, qemu_launch_argv
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +43,7 @@ FORCED_QUIT_WAIT_S = 3.0
 KILL_WAIT_S = 5.0
 REBOOT_GRACE_S = 30.0
 POWER_BUTTON_REPEAT_S = 2.0
-CONSOLE_CHECK_INTERVAL_S = 1.0
 EXIT_DRAIN_S = 1.0
-# Under TCG, QEMU's translation cache and buffers need memory beyond the guest's
-# and the configured VMM allowance; the jail's memory limit includes this.
-TCG_MEMORY_OVERHEAD = 256 << 20
 VERSION_RE = re.compile(r"version (\S+)")
 
 
@@ -92,15 +82,18 @@ class _Vm:
 class QemuBackend:
     name = "qemu"
 
-    def __init__(self, settings: Settings, jailer: Jailer | None = None) -> None:
+    def __init__(
+        self, settings: Settings, jailer: Jailer | None = None, launcher: QemuLauncher | None = None
+    ) -> None:
         self.settings = settings
-        self.jailer = jailer
-        if jailer is None:
-            log.warning("QEMU VMMs run UNJAILED (UNKEY_METALD_JAILER_ENABLED=false): development only")
+        self.layout = VmLayout.from_settings(settings)
+        self.launcher: QemuLauncher = launcher or (
+            JailedLauncher(jailer, settings.jailer_chroot_dir) if jailer is not None else PlainLauncher()
+        )
         self._vms: dict[str, _Vm] = {}
         self._exit_callback: ExitCallback | None = None
         self._version: str | None = None
-        self._console_task: asyncio.Task[None] | None = None
+        self._consoles = console.LogCap(settings.console_log_max_bytes, self._logs)
         self._tasks: set[asyncio.Task[None]] = set()
         self._adopt_errors: dict[str, str] = {}  # vm_id -> why the last adopt() said no
         self.accel = AccelChooser(
@@ -159,14 +152,9 @@ class QemuBackend:
             binary=self.settings.qemu_binary,
             accel=accel,
             extra_kernel_args=tuple(extra),
-            sandbox=self.jailer is None,  # the jail adds its own -sandbox (see jailer/qemu.py)
+            sandbox=self.launcher.sandbox,  # a jail adds its own -sandbox (see jailer/qemu.py)
         )
-        argv = build_argv(spec, options)
-        if self.jailer is not None:
-            argv, command = await self._jailed(spec, argv, accel)
-            argv = command[command.index("--") + 1 :]  # what QEMU's /proc cmdline will show
-        else:
-            command = launch_argv(spec, argv)
+        argv, command = await self.launcher.command(spec, build_argv(spec, options), accel)
         popen = spawn(command, vmm_log_path(spec.run_dir))
         stat = procfs.read_stat(popen.pid)
         vmm = handle.VmmHandle(
@@ -191,58 +179,19 @@ class QemuBackend:
         log.info("qemu %s: started pid %d (accel %s)", spec.vm_id, vmm.pid, accel)
         return vmm.to_dict()
 
-    async def _jailed(self, spec: BootSpec, argv: list[str], accel: str) -> tuple[list[str], list[str]]:
-        """Prepare a fresh jail (chroot, cgroup) and return (qemu argv, launcher command)."""
-        assert self.jailer is not None
-        jail = self.jailer.jail_for(self.name, spec.vm_id)
-        # A VM keeps its (empty) jail while SHUTDOWN and across reboots: reuse it
-        # as it is, so a failed boot leaves it exactly as it was. Anything else
-        # (half made, or with processes left in its cgroup) is made afresh.
-        if not await asyncio.to_thread(_jail_ready, jail.root, jail.cgroup.dirs):
-            await self.jailer.cleanup(jail)
-            await self._prepare_jail(spec, accel)
-        argv = [*argv, *qemu_confinement_args(jail)]
-        netns = spec.network.namespace if spec.network is not None else None
-        return argv, qemu_launch_argv(self.jailer, jail, argv, netns)
-
-    async def _prepare_jail(self, spec: BootSpec, accel: str) -> None:
-        """Build the VM's jail (plan ``jail``: chroot, assets, devices, cgroup)."""
-        assert self.jailer is not None
-        jail = self.jailer.jail_for(self.name, spec.vm_id)
-        try:
-            await Plan("jail", self.jailer.prepare_steps(jail, self._sized(spec, accel))).run()
-        except Exception as exc:
-            raise BackendError(f"cannot prepare the jail of {spec.vm_id}: {exc}") from exc
-
-    @staticmethod
-    def _sized(spec: BootSpec, accel: str) -> BootSpec:
-        """The spec the jail's limits are computed from (TCG needs memory of its own)."""
-        if accel != "tcg":
-            return spec
-        from dataclasses import replace
-
-        return replace(spec, memory_bytes=spec.memory_bytes + TCG_MEMORY_OVERHEAD)
-
-    async def _remove_jail(self, vm_id: str) -> None:
-        if self.jailer is not None:
-            await self.jailer.cleanup(self.jailer.jail_for(self.name, vm_id))
-
     # --- recovery: jails, strays, adoption -------------------------------------
 
     def jail_exists(self, vm_id: str) -> bool:
         """Does the VM have a jail directory (it keeps one while SHUTDOWN)?"""
-        if self.jailer is None:
-            return False
-        return self.jailer.jail_for(self.name, vm_id).dir.exists()
+        return self.launcher.has_jail(vm_id)
 
     async def remove_jail(self, vm_id: str) -> None:
         """Remove the VM's jail (cgroup, then chroot); kills what is left in the cgroup."""
-        await self._remove_jail(vm_id)
+        await self.launcher.remove_jail(vm_id)
 
     async def restore_jail(self, spec: BootSpec) -> None:
         """Build the VM's jail again (undo of :meth:`remove_jail` for a VM that had one)."""
-        if self.jailer is not None:
-            await self._prepare_jail(spec, await self.accel.choose(spec))
+        await self.launcher.restore_jail(spec, await self.accel.choose(spec))
 
     async def discard(self, vm_id: str, kill_strays: bool = True) -> list[int]:
         """Kill every VMM process of this VM (tracked or not) and remove its socket and
@@ -263,8 +212,8 @@ class QemuBackend:
                 del self._vms[vm_id]
         killed = []
         if kill_strays:
-            killed = await asyncio.to_thread(_kill_processes, self._markers(only=vm_id, keep={}))
-        run_dir = self.settings.run_dir / vm_id
+            killed = await asyncio.to_thread(strays.kill, self._markers(only=vm_id, keep={}))
+        run_dir = self.layout.run_dir(vm_id)
         for path in (qmp_socket_path(run_dir), pid_file_path(run_dir)):
             path.unlink(missing_ok=True)
         return killed
@@ -292,7 +241,7 @@ class QemuBackend:
         """(pid, vm_id) of processes carrying this metald's VMM markers (a QMP socket
         under its run dir), except ``keep`` (vm_id -> pid of the VMM to leave)."""
         found = []
-        for pid, vm_id in _vmm_processes(self.settings.run_dir):
+        for pid, vm_id in strays.vmm_processes(self.layout.run_root):
             if (only is None or vm_id == only) and keep.get(vm_id) != pid:
                 found.append((pid, vm_id))
         return found
@@ -302,47 +251,11 @@ class QemuBackend:
 
         A process is stray when it carries the marker of a VMM of this metald
         (``-qmp unix:<run_dir>/<vm_id>/qmp.sock``, in QEMU or its launcher)
-        but is not the VMM metald tracks for that VM. Only jails under this
-        metald's chroot directory are looked at (a cgroup of ours always has
-        its jail directory: it is made after it and removed before it), so
-        two metalds with different directories never remove each other's.
+        but is not the VMM metald tracks for that VM (see strays.py).
         """
         keep = {vm_id: vm.handle.pid for vm_id, vm in self._vms.items() if vm.alive}
-        strays = await asyncio.to_thread(_kill_processes, self._markers(None, keep))
-        removed = [f"process {pid}" for pid in strays]
-        if self.jailer is None:
-            return removed
-        base = self.settings.jailer_chroot_dir / self.name
-        try:
-            names = sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))
-        except FileNotFoundError:
-            names = []
-        for vm_id in names:
-            if vm_id in known_vm_ids or not VM_ID_RE.match(vm_id):
-                continue
-            try:
-                await self._remove_jail(vm_id)
-            except OSError:
-                log.exception("could not remove leftover jail", extra={"vm_id": vm_id})
-                continue
-            removed.append(f"jail {vm_id}")
-        return removed
-
-    async def _reapply_cgroup(self, spec: BootSpec, vmm: handle.VmmHandle) -> None:
-        """Put an adopted VMM back into its jail's cgroup if it is not there
-        (e.g. the cgroup was removed by hand): the limits hold again."""
-        if self.jailer is None:
-            return
-        jail = self.jailer.jail_for(self.name, spec.vm_id)
-        dirs = jail.cgroup.dirs
-        if all(vmm.pid in cgroups.procs(d) for d in dirs):
-            return
-        limits = self.jailer.limits_for(self._sized(spec, vmm.accel))
-        await asyncio.to_thread(cgroups.create, jail.cgroup, limits)
-        for directory in dirs:
-            with contextlib.suppress(OSError), open(directory / "cgroup.procs", "w") as f:
-                f.write(str(vmm.pid))
-        log.warning("qemu %s: adopted pid %d put back into its cgroup", spec.vm_id, vmm.pid)
+        killed = await asyncio.to_thread(strays.kill, self._markers(None, keep))
+        return [f"process {pid}" for pid in killed] + await self.launcher.sweep(known_vm_ids)
 
     async def adopt(self, spec: BootSpec, handle_data: dict[str, Any]) -> bool:
         """Re-attach to the VMM the handle describes, only if it provably is that
@@ -385,7 +298,7 @@ class QemuBackend:
             checks.append((spec, vmm))
         if not checks:
             return adopted
-        results = await asyncio.to_thread(self._identify, checks)
+        results = await asyncio.to_thread(handle.identify, checks, self.launcher.cgroup_dirs)
         for (spec, vmm), (why, pidfd, misplaced) in zip(checks, results, strict=True):
             if why is not None:
                 self._adopt_errors[spec.vm_id] = why
@@ -395,35 +308,12 @@ class QemuBackend:
             vm.unattached = True
             if misplaced:
                 try:
-                    await self._reapply_cgroup(spec, vmm)
+                    await self.launcher.reapply_cgroup(spec, vmm)
                 except OSError as exc:
                     log.warning("qemu %s: cannot put pid %d back into its cgroup: %s", spec.vm_id, vmm.pid, exc)
             log.info("qemu %s: adopted pid %d", spec.vm_id, vmm.pid)
             adopted.add(spec.vm_id)
         return adopted
-
-    def _identify(self, checks: list[tuple[BootSpec, handle.VmmHandle]]) -> list[tuple[str | None, int | None, bool]]:
-        """(why not, pidfd, outside its cgroup) per check (worker thread)."""
-        out: list[tuple[str | None, int | None, bool]] = []
-        for spec, vmm in checks:
-            pidfd = None
-            try:
-                with contextlib.suppress(ProcessLookupError):  # gone: mismatch() says so
-                    pidfd = os.pidfd_open(vmm.pid) if vmm.pid > 1 else None
-                why = handle.mismatch(vmm)
-                misplaced = False
-                if why is None and self.jailer is not None:
-                    dirs = self.jailer.jail_for(self.name, spec.vm_id).cgroup.dirs
-                    misplaced = not all(vmm.pid in cgroups.procs(d) for d in dirs)
-            except Exception as exc:  # noqa: BLE001 - one bad item must not stop the others
-                why, misplaced = f"cannot check pid {vmm.pid}: {exc}", False
-            if why is None and pidfd is None:
-                why = f"process {vmm.pid} is gone"
-            if why is not None and pidfd is not None:
-                os.close(pidfd)
-                pidfd = None
-            out.append((why, pidfd, misplaced))
-        return out
 
     async def attach(self, vm_id: str) -> bool:
         """Connect the QMP of a VMM adopted by :meth:`adopt_many` (or wait for the
@@ -489,7 +379,7 @@ class QemuBackend:
         qmp.on_stop = lambda: self._spawn(self._check_stopped(vm))
         self._vms[spec.vm_id] = vm
         vm.watch.start(pidfd)
-        self._ensure_console_task()
+        self._consoles.start()
         return vm
 
     def _get(self, vm_id: str) -> _Vm:
@@ -577,31 +467,16 @@ class QemuBackend:
     async def cleanup(self, vm_id: str) -> None:
         vm = self._vms.pop(vm_id, None)
         if vm is None:
-            self._cleanup_unknown(vm_id)
-            await self._remove_jail(vm_id)
+            strays.kill_by_pid_file(self.layout.run_dir(vm_id))  # after a restart without adoption
+            await self.launcher.remove_jail(vm_id)
             return
         vm.stopping = True
         await self._kill(vm)
         await self._wait_finished(vm)
         vm.watch.close()
         await self._close_qmp(vm)
-        _remove_files(vm.run_dir, vm.files())
-        await self._remove_jail(vm_id)
-
-    def _cleanup_unknown(self, vm_id: str) -> None:
-        """Cleanup after a restart without adoption: trust only our own pidfile."""
-        run_dir = self.settings.run_dir / vm_id
-        pid_file = pid_file_path(run_dir)
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(pid_file.read_text().strip())
-            cmdline = procfs.read_cmdline(pid) or []
-            if any(str(qmp_socket_path(run_dir)) in arg for arg in cmdline):
-                if os.getpgid(pid) == pid:
-                    os.killpg(pid, signal.SIGKILL)
-                else:
-                    os.kill(pid, signal.SIGKILL)
-        files = [qmp_socket_path(run_dir), pid_file, vmm_log_path(run_dir), run_dir / "console.log"]
-        _remove_files(run_dir, files)
+        strays.remove_files(vm.run_dir, vm.files())
+        await self.launcher.remove_jail(vm_id)
 
     def is_running(self, vm_id: str) -> bool:
         vm = self._vms.get(vm_id)
@@ -654,23 +529,15 @@ class QemuBackend:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(vm.finished.wait(), EXIT_DRAIN_S + 1)
 
-    # --- console log cap -----------------------------------------------------
-
-    def _ensure_console_task(self) -> None:
-        if self._console_task is None or self._console_task.done():
-            self._console_task = asyncio.get_running_loop().create_task(self._cap_consoles())
-
-    async def _cap_consoles(self) -> None:
-        limit = self.settings.console_log_max_bytes
-        while True:
-            await asyncio.sleep(CONSOLE_CHECK_INTERVAL_S)
-            logs = []
-            for vm in self._vms.values():
-                if vm.alive:
-                    logs.append((vm.vm_id, vmm_log_path(vm.run_dir)))  # QEMU's own stderr, opened O_APPEND too
-                    if vm.console_log is not None:
-                        logs.append((vm.vm_id, vm.console_log))
-            await asyncio.to_thread(_cap_logs, logs, limit)  # a stat per log: off the event loop
+    def _logs(self) -> list[tuple[str, Path]]:
+        """(vm_id, path) of the logs the running QEMUs append to (capped by LogCap)."""
+        logs = []
+        for vm in self._vms.values():
+            if vm.alive:
+                logs.append((vm.vm_id, vmm_log_path(vm.run_dir)))  # QEMU's own stderr, opened O_APPEND too
+                if vm.console_log is not None:
+                    logs.append((vm.vm_id, vm.console_log))
+        return logs
 
     # --- observation ---------------------------------------------------------
 
@@ -721,93 +588,10 @@ class QemuBackend:
         return metrics
 
     async def close(self) -> None:
-        if self._console_task is not None:
-            self._console_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._console_task
+        await self._consoles.close()
         for task in list(self._tasks):
             task.cancel()
         for vm in self._vms.values():
             vm.watch.close()
             await self._close_qmp(vm)
         self._vms.clear()
-
-
-def exit_reason(failure: str | None, shutdown_cause: str | None, returncode: int | None) -> str:
-    """One line on how a QEMU ended, from metald's own verdict, QMP and the exit status."""
-    status = describe_status(returncode)
-    if failure:
-        return f"{failure} ({status})" if returncode is not None else failure
-    event = describe_shutdown(shutdown_cause)
-    if event is None:
-        return status
-    if returncode is None or returncode == 0:
-        return event
-    return f"{event} ({status})"
-
-
-def _cap_logs(logs: list[tuple[str, Path]], limit: int) -> None:
-    for vm_id, path in logs:
-        try:
-            if console.cap_log(path, limit):
-                log.debug("qemu %s: %s cut to %d bytes", vm_id, path.name, limit // 2)
-        except OSError as exc:
-            log.warning("qemu %s: capping %s failed: %s", vm_id, path, exc)
-
-
-def _remove_files(run_dir: Path, files: list[Path]) -> None:
-    for path in files:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-    with contextlib.suppress(OSError):
-        run_dir.rmdir()  # only if empty; never its parent
-
-
-def _jail_ready(root: Path, cgroup_dirs: tuple[Path, ...]) -> bool:
-    """A complete QEMU jail (its tree and cgroups) with no process in it."""
-    tree = (root / "dev" / "net", root / "run")
-    if not all(path.is_dir() for path in tree):
-        return False
-    return all(d.is_dir() for d in cgroup_dirs) and not any(cgroups.procs(d) for d in cgroup_dirs)
-
-
-def _vmm_processes(run_root: Path) -> list[tuple[int, str]]:
-    """(pid, vm_id) of every process whose command line has ``unix:<run_root>/<vm_id>/qmp.sock``."""
-    marker = re.compile(r"unix:" + re.escape(str(run_root)) + r"/([^/]+)/qmp\.sock")
-    found = []
-    me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        cmdline = procfs.read_cmdline(int(entry.name))
-        if not cmdline:
-            continue
-        for arg in cmdline:
-            match = marker.search(arg)
-            if match and VM_ID_RE.match(match.group(1)):
-                found.append((int(entry.name), match.group(1)))
-                break
-    return found
-
-
-def _kill_processes(targets: list[tuple[int, str]], timeout: float = KILL_WAIT_S) -> list[int]:
-    """SIGKILL each (pid, vm_id) (its process group too if it leads one); wait until gone."""
-    killed = []
-    for pid, vm_id in targets:
-        try:
-            if os.getpgid(pid) == pid:
-                os.killpg(pid, signal.SIGKILL)
-            else:
-                os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
-        log.warning("killed stray VMM process %d of %s", pid, vm_id)
-        killed.append(pid)
-    deadline = time.monotonic() + timeout
-    for pid in killed:
-        while time.monotonic() < deadline:
-            stat = procfs.read_stat(pid)
-            if stat is None or stat.state in ("Z", "X"):
-                break
-            time.sleep(0.01)
-    return killed

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from metald.backends import procfs
 from metald.backends.qemu.command import argv_hash
+from metald.jailer import cgroup as cgroups
 
 HANDLE_VERSION = 1
 
@@ -58,3 +62,29 @@ def mismatch(handle: VmmHandle, proc: Path = procfs.PROC) -> str | None:
     if argv_hash(cmdline) != handle.argv_hash:
         return f"process {handle.pid} runs a different command line"
     return None
+
+
+def identify(
+    checks: list[tuple[Any, VmmHandle]], cgroup_dirs: Callable[[str], tuple[Path, ...]]
+) -> list[tuple[str | None, int | None, bool]]:
+    """(why not, pidfd, outside its cgroup) per (spec, handle) (run in a worker
+    thread). The pidfd is opened before the identity check, so a pid reused
+    after the check is never watched."""
+    out: list[tuple[str | None, int | None, bool]] = []
+    for spec, vmm in checks:
+        pidfd = None
+        try:
+            with contextlib.suppress(ProcessLookupError):  # gone: mismatch() says so
+                pidfd = os.pidfd_open(vmm.pid) if vmm.pid > 1 else None
+            why = mismatch(vmm)
+            dirs = cgroup_dirs(spec.vm_id) if why is None else ()
+            misplaced = not all(vmm.pid in cgroups.procs(d) for d in dirs)
+        except Exception as exc:  # noqa: BLE001 - one bad item must not stop the others
+            why, misplaced = f"cannot check pid {vmm.pid}: {exc}", False
+        if why is None and pidfd is None:
+            why = f"process {vmm.pid} is gone"
+        if why is not None and pidfd is not None:
+            os.close(pidfd)
+            pidfd = None
+        out.append((why, pidfd, misplaced))
+    return out

@@ -12,6 +12,7 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient, QMPError
 from qemu.qmp.protocol import Runstate
 
+from metald.backends.process import describe_status
 from metald.core.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -130,3 +131,16 @@ def describe_shutdown(reason: str | None) -> str | None:
     if reason is None:
         return None
     return SHUTDOWN_REASONS.get(reason, reason)
+
+
+def exit_reason(failure: str | None, shutdown_cause: str | None, returncode: int | None) -> str:
+    """One line on how a QEMU ended, from metald's own verdict, QMP and the exit status."""
+    status = describe_status(returncode)
+    if failure:
+        return f"{failure} ({status})" if returncode is not None else failure
+    event = describe_shutdown(shutdown_cause)
+    if event is None:
+        return status
+    if returncode is None or returncode == 0:
+        return event
+    return f"{event} ({status})"
