@@ -11,7 +11,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from metald.config import Settings
 from metald.core.models import NetworkAllocation, NicRequest
 from metald.core.plan import Step
-from metald.network import allocation, guest, host, names, netns, nft, rules, vm
+from metald.network import allocation, guest, host, names, netns, nft, rules, steps, vm
 from metald.network.reaper import LinkReaper
 from metald.network.rtnl import AF_BRIDGE, NTF_MASTER, NUD_NOARP, NUD_PERMANENT
 from metald.store.sqlite import Store
@@ -63,7 +63,7 @@ class NetworkManager:
         owner_uid: int | None = None,
         owner_gid: int | None = None,
     ) -> list[Step]:
-        return vm.steps(self._vm(alloc, owner_uid, owner_gid), self._reaper, self._batcher)
+        return steps.steps(self._vm(alloc, owner_uid, owner_gid), self._reaper, self._batcher)
 
     def reapply_steps(
         self,
@@ -73,7 +73,7 @@ class NetworkManager:
     ) -> list[Step]:
         """The setup steps for an existing VM network: missing parts are made
         again, present ones left alone, and nothing the VM had is undone."""
-        return vm.reapply_steps(vm.steps(self._vm(alloc, owner_uid, owner_gid), self._reaper, self._batcher))
+        return steps.reapply_steps(steps.steps(self._vm(alloc, owner_uid, owner_gid), self._reaper, self._batcher))
 
     def release_step(self, vm_id: str) -> Step:
         """Release the VM's claims (IP, host ports, device-name id); the undo claims
@@ -83,7 +83,7 @@ class NetworkManager:
     async def teardown(self, alloc: NetworkAllocation) -> None:
         """Namespace, host neighbour entry and nft elements; the kernel destroys
         the veth pair in the background (see :meth:`settle`)."""
-        await vm.teardown(self._vm(alloc), self._reaper, self._batcher)
+        await steps.teardown(self._vm(alloc), self._reaper, self._batcher)
 
     async def settle(self, timeout: float = 10.0) -> bool:
         """Wait until the host veths of torn-down VMs are gone (False: ``timeout``
@@ -140,7 +140,7 @@ class NetworkManager:
                 if ports.get((int(port), proto)) != value:
                     stale.append(rules.Element("inet", rules.INET_TABLE, map_name, port, value))
         if stale:
-            await vm.remove_elements(stale, self._batcher)
+            await steps.remove_elements(stale, self._batcher)
         return [f"nft {e.family} {e.table} {e.set} {{ {e.text()} }}" for e in stale]
 
 

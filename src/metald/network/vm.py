@@ -1,7 +1,8 @@
-"""One VM's network: namespace, veth pair, TAP, proxy ARP, routes, neighbours,
-rate limits and its nft elements, as undoable plan steps.
+"""One VM's network devices: namespace, veth pair, TAP, proxy ARP, routes and
+neighbours, each as a check, a do and an undo function (``steps.py`` makes
+them plan steps, with the rate limits and the nft elements).
 
-Topology (SPEC section 2)::
+Topology (docs/scaling.md has the extra bridges)::
 
     host: br-vms 10.100.0.1/16 ── vh_<s> (bridge port)
                                      │ veth
@@ -41,10 +42,8 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from metald.core.errors import BackendError, ResourceExhausted
-from metald.core.models import NetworkAllocation, RateLimit
-from metald.core.plan import Step
-from metald.network import bridges, names, netns, nft, rtnl, rules, tc
-from metald.network.reaper import LinkReaper
+from metald.core.models import NetworkAllocation
+from metald.network import bridges, names, netns, rtnl
 from metald.network.rtnl import NTF_MASTER, NUD_NOARP, NUD_PERMANENT, Rtnl
 
 log = logging.getLogger(__name__)
@@ -164,14 +163,14 @@ def _ns_conf_ready(ipr: Rtnl) -> bool:
     return ipr.netconf().get("rp_filter", 0) <= 1
 
 
-def _netns_ready(v: VmNet) -> bool:
+def netns_ready(v: VmNet) -> bool:
     if not netns.exists(v.ns):
         return False
     with netns.entered(v.ns), netns.ns_ipr() as nipr:
         return _ns_conf_ready(nipr)
 
 
-def _netns_create(v: VmNet) -> None:
+def netns_create(v: VmNet) -> None:
     v.run.fresh_ns = netns.create_sync(v.ns)
     with netns.entered(v.ns), netns.ns_ipr() as nipr:
         # inherited from the host: loose (2) there would make the devices' strict value moot
@@ -179,7 +178,7 @@ def _netns_create(v: VmNet) -> None:
             netns.write_sysctl("net/ipv4/conf/all/rp_filter", "1")
 
 
-def _netns_remove(v: VmNet) -> None:
+def netns_remove(v: VmNet) -> None:
     netns.remove_sync(v.ns)
 
 
@@ -201,7 +200,7 @@ def _configure_device(ipr: Rtnl, ifname: str) -> None:
 # --- veth ------------------------------------------------------------------------
 
 
-def _veth_ready(v: VmNet) -> bool:
+def veth_ready(v: VmNet) -> bool:
     if v.run.fresh_ns or not netns.exists(v.ns):
         return False
     a = v.alloc
@@ -217,7 +216,7 @@ def _veth_ready(v: VmNet) -> bool:
         return bool(vn.get_attr("IFLA_ADDRESS") == v.vn_mac) and _conf_ready(vn, DEVICE_CONF)
 
 
-def _veth_create(v: VmNet) -> None:
+def veth_create(v: VmNet) -> None:
     a = v.alloc
     ipr = netns.host_ipr()
     bridges.ensure(v.bridge, v.port_bridge)
@@ -259,7 +258,7 @@ def _veth_create(v: VmNet) -> None:
 # --- tap -------------------------------------------------------------------------
 
 
-def _tap_ready(v: VmNet) -> bool:
+def tap_ready(v: VmNet) -> bool:
     if v.run.fresh_ns or not netns.exists(v.ns):
         return False
     with netns.entered(v.ns), netns.ns_ipr() as ipr:
@@ -292,7 +291,7 @@ def make_tap(name: str, uid: int | None, gid: int | None) -> None:
         os.close(fd)
 
 
-def _tap_create(v: VmNet) -> None:
+def tap_create(v: VmNet) -> None:
     with netns.entered(v.ns), netns.ns_ipr() as ipr:
         if not v.run.fresh_ns and netns.ifindex(v.alloc.tap) is not None:
             _delete_link(ipr, v.alloc.tap)
@@ -300,7 +299,7 @@ def _tap_create(v: VmNet) -> None:
         _configure_device(ipr, v.alloc.tap)
 
 
-def _tap_delete(v: VmNet) -> None:
+def tap_delete(v: VmNet) -> None:
     if not netns.exists(v.ns):
         return
     with netns.entered(v.ns), netns.ns_ipr() as ipr:
@@ -316,7 +315,7 @@ def _proxy_devices(v: VmNet) -> tuple[str, str]:
     return (v.alloc.ns_veth, v.alloc.tap)
 
 
-def _proxy_ready(v: VmNet) -> bool:
+def proxy_ready(v: VmNet) -> bool:
     if v.run.fresh_ns or not netns.exists(v.ns):
         return False
     with netns.entered(v.ns), netns.ns_ipr() as ipr:
@@ -337,11 +336,11 @@ def _proxy_set(v: VmNet, on: bool) -> None:
             ipr.link("set", index=idx, inet_conf={rtnl.IPV4_DEVCONF_PROXY_ARP: int(on)})
 
 
-def _proxy_on(v: VmNet) -> None:
+def proxy_on(v: VmNet) -> None:
     _proxy_set(v, True)
 
 
-def _proxy_off(v: VmNet) -> None:
+def proxy_off(v: VmNet) -> None:
     if netns.exists(v.ns):
         _proxy_set(v, False)
 
@@ -358,7 +357,7 @@ def _wanted_routes(v: VmNet) -> list[dict[str, Any]]:
     ]
 
 
-def _routes_ready(v: VmNet) -> bool:
+def routes_ready(v: VmNet) -> bool:
     if v.run.fresh_ns or not netns.exists(v.ns):
         return False
     with netns.entered(v.ns), netns.ns_ipr() as ipr:
@@ -373,7 +372,7 @@ def _routes_ready(v: VmNet) -> bool:
         )
 
 
-def _routes_set(v: VmNet) -> None:
+def routes_set(v: VmNet) -> None:
     with netns.entered(v.ns), netns.ns_ipr() as ipr:
         for w in _wanted_routes(v):
             spec = dict(w)
@@ -383,7 +382,7 @@ def _routes_set(v: VmNet) -> None:
             ipr.route("replace", oif=oif, table=RT_TABLE_MAIN, **spec)
 
 
-def _routes_delete(v: VmNet) -> None:
+def routes_delete(v: VmNet) -> None:
     if not netns.exists(v.ns):
         return
     with netns.entered(v.ns), netns.ns_ipr() as ipr:
@@ -412,7 +411,7 @@ def _has_neigh(ipr: Rtnl, ifindex: int | None, ip: str, mac: str) -> bool:
     )
 
 
-def _neigh_ready(v: VmNet) -> bool:
+def neigh_ready(v: VmNet) -> bool:
     if v.run.fresh_ns or not netns.exists(v.ns):
         return False
     a = v.alloc
@@ -427,7 +426,7 @@ def _neigh_ready(v: VmNet) -> bool:
         )
 
 
-def _neigh_set(v: VmNet) -> None:
+def neigh_set(v: VmNet) -> None:
     a = v.alloc
     ipr = netns.host_ipr()
     br, vh = netns.ifindex(v.bridge), netns.ifindex(a.host_veth)
@@ -454,28 +453,13 @@ def delete_host_neigh(ipr: Rtnl, bridge: str, ip: str, mac: str) -> bool:
     return True
 
 
-def _neigh_delete(v: VmNet) -> None:
+def neigh_delete(v: VmNet) -> None:
     # the namespace's entries and the FDB entry on vh_ go with their devices
     delete_host_neigh(netns.host_ipr(), v.bridge, v.alloc.ip, v.vn_mac)
     bridges.delete_vm_entry(v.bridge, v.port_bridge, v.vn_mac)
 
 
-# --- teardown and counters ---------------------------------------------------------
-
-
-def _remove_ns_and_neigh(v: VmNet) -> None:
-    netns.remove_sync(v.ns)
-    _neigh_delete(v)
-
-
-async def teardown(v: VmNet, reaper: LinkReaper, batcher: nft.Batcher) -> None:
-    """Namespace first, the host neighbour entry, then the nft elements (batched
-    with other VMs' teardowns). Returns without waiting for the devices: the
-    kernel destroys tap_ and vn_ with the namespace once its last user is gone,
-    and vh_ with vn_; the reaper deletes vh_ if it outlives its grace period."""
-    await netns.run(None, _remove_ns_and_neigh, v)
-    reaper.expect_gone(v.alloc.host_veth)
-    await remove_elements(rules.firewall_elements(v.alloc) + rules.forward_elements(v.alloc), batcher)
+# --- counters ---------------------------------------------------------------------
 
 
 def _tap_counters(v: VmNet) -> tuple[int, int, int, int]:
@@ -493,203 +477,3 @@ async def tap_counters(v: VmNet) -> tuple[int, int, int, int]:
         return await netns.run(None, _tap_counters, v)
     except netns.NamespaceMissing:
         raise BackendError(f"network namespace {v.ns} missing") from None
-
-
-# --- steps -------------------------------------------------------------------------
-
-
-class NetlinkStep:
-    """A step made of blocking functions run on the namespace pool."""
-
-    def __init__(
-        self,
-        name: str,
-        v: VmNet,
-        ready: Callable[[VmNet], bool],
-        do: Callable[[VmNet], None],
-        undo: Callable[[VmNet], None],
-    ) -> None:
-        self.name = name
-        self._v, self._ready, self._do, self._undo = v, ready, do, undo
-
-    async def is_done(self) -> bool:
-        run = self._v.run
-        if run.ready is not None and self.name in run.ready:
-            return run.ready[self.name]  # checked a moment ago, with the netns step
-        if not netns.exists(self._v.ns) or (run.fresh_ns and self.name != "netns"):
-            return False  # nothing to ask the kernel
-        if self.name == "netns" and run.ready is None:
-            # Re-applying an existing network (start-up, boot): one trip to the
-            # pool for all the checks instead of one per step.
-            run.ready = await netns.run(None, _all_ready, self._v)
-        if run.ready is not None and self.name in run.ready:
-            return run.ready[self.name]
-        return await netns.run(None, self._ready, self._v)
-
-    async def do(self) -> None:
-        self._v.run.ready = None  # what this changes may change the later steps' state
-        await netns.run(None, self._do, self._v)
-
-    async def undo(self) -> None:
-        await netns.run(None, self._undo, self._v)
-
-
-class VethStep(NetlinkStep):
-    def __init__(self, v: VmNet, reaper: LinkReaper) -> None:
-        super().__init__("veth", v, _veth_ready, _veth_create, lambda v: None)
-        self._reaper = reaper
-
-    async def undo(self) -> None:
-        await self._reaper.delete(self._v.alloc.host_veth)
-
-
-class RateLimitStep:
-    """tbf on ``tap_`` egress (rx: what the guest receives) and on ``vn_``
-    egress (tx: what the guest sends, which leaves the namespace only there)."""
-
-    name = "ratelimit"
-
-    def __init__(self, v: VmNet) -> None:
-        self._v = v
-
-    def _wanted(self) -> dict[str, RateLimit]:
-        a = self._v.alloc
-        out = {}
-        if a.rx_rate_limit is not None:
-            out[a.tap] = a.rx_rate_limit
-        if a.tx_rate_limit is not None:
-            out[a.ns_veth] = a.tx_rate_limit
-        return out
-
-    async def is_done(self) -> bool:
-        wanted = self._wanted()
-        if not wanted:
-            return True
-        if self._v.run.fresh_ns:
-            return False
-        return await tc.has_shaping(self._v.ns, wanted)
-
-    async def do(self) -> None:
-        await tc.apply(self._v.ns, self._wanted())
-
-    async def undo(self) -> None:
-        if self._wanted() and netns.exists(self._v.ns):
-            await tc.clear(self._v.ns, list(self._wanted()))
-
-
-class ElementsStep:
-    """Add nft set/map elements. ``do`` uses ``create`` so that it can tell
-    whether it added them (and so ``undo`` removes only what it added).
-
-    Re-applying an existing VM network (the plan found the namespace there:
-    start-up, boot) uses ``add`` at once: the elements are most likely present,
-    and a failing ``create`` per VM would make a combined transaction of many
-    VMs fail and be bisected into about two transactions per VM."""
-
-    def __init__(
-        self, name: str, elements: list[rules.Element], batcher: nft.Batcher, run: RunState | None = None
-    ) -> None:
-        self.name = name
-        self.elements = elements
-        self.batcher = batcher
-        self._run = run
-        self._added = False
-
-    async def is_done(self) -> bool:
-        return not self.elements
-
-    async def do(self) -> None:
-        if self._run is not None and not self._run.fresh_ns:
-            await self.batcher.apply(rules.add_script(self.elements))
-        else:
-            try:
-                await self.batcher.apply(rules.create_script(self.elements))
-            except nft.NftError:
-                # Some exist already (a re-run): make sure all do, and own them.
-                await self.batcher.apply(rules.add_script(self.elements))
-        self._added = True
-
-    async def undo(self) -> None:
-        if self._added:
-            await remove_elements(self.elements, self.batcher)
-            self._added = False
-
-
-async def remove_elements(elements: list[rules.Element], batcher: nft.Batcher) -> None:
-    """Remove elements, present or not, in one transaction (one by one, ignoring
-    failures, if that fails: e.g. a map key now holds another VM's value)."""
-    if not elements:
-        return
-    try:
-        await batcher.apply(rules.remove_script(elements))
-    except nft.NftError:
-        for element in elements:
-            try:
-                await batcher.apply(rules.remove_script([element]))
-            except nft.NftError as exc:
-                log.warning("nft element not removed", extra={"error": str(exc)})
-
-
-def _all_ready(v: VmNet) -> dict[str, bool]:
-    """Every netlink step's readiness (stops at the first that is not ready:
-    the later ones are checked again after it has run)."""
-    out: dict[str, bool] = {}
-    if not netns.exists(v.ns):
-        return {"netns": False}
-    with netns.shared_ns_ipr(v.ns):
-        for name, ready in _READY:
-            out[name] = ready(v)
-            if not out[name]:
-                break
-    return out
-
-
-_READY: tuple[tuple[str, Callable[[VmNet], bool]], ...] = (
-    ("netns", _netns_ready),
-    ("veth", _veth_ready),
-    ("tap", _tap_ready),
-    ("proxy_arp", _proxy_ready),
-    ("routes", _routes_ready),
-    ("neighbours", _neigh_ready),
-)
-
-
-def steps(v: VmNet, reaper: LinkReaper, batcher: nft.Batcher) -> list[Step]:
-    """The per-VM plan steps, in order."""
-    return [
-        NetlinkStep("netns", v, _netns_ready, _netns_create, _netns_remove),
-        VethStep(v, reaper),
-        NetlinkStep("tap", v, _tap_ready, _tap_create, _tap_delete),
-        NetlinkStep("proxy_arp", v, _proxy_ready, _proxy_on, _proxy_off),
-        NetlinkStep("routes", v, _routes_ready, _routes_set, _routes_delete),
-        NetlinkStep("neighbours", v, _neigh_ready, _neigh_set, _neigh_delete),
-        RateLimitStep(v),
-        ElementsStep("firewall", rules.firewall_elements(v.alloc), batcher, v.run),
-        ElementsStep("port_forwards", rules.forward_elements(v.alloc), batcher, v.run),
-    ]
-
-
-class ReappliedElements:
-    """An nft element step re-applied on an existing VM network: the idempotent
-    ``add`` at once (one coalesced transaction for many VMs; a ``create`` would
-    fail on present elements and be bisected transaction by transaction, which
-    made a 1000-VM start-up take seconds), and no undo (it would remove
-    elements the VM had before the operation)."""
-
-    def __init__(self, step: ElementsStep) -> None:
-        self.name = step.name
-        self._step = step
-
-    async def is_done(self) -> bool:
-        return await self._step.is_done()
-
-    async def do(self) -> None:
-        await self._step.batcher.apply(rules.add_script(self._step.elements))
-
-    async def undo(self) -> None:
-        return None
-
-
-def reapply_steps(setup: list[Step]) -> list[Step]:
-    """``setup`` for an existing VM network: the element steps never undo."""
-    return [ReappliedElements(s) if isinstance(s, ElementsStep) else s for s in setup]
