@@ -18,13 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
-import re
-import shutil
 import signal
-import struct
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from metald.backends import procfs
 from metald.backends.firecracker.client import FirecrackerClient
 from metald.backends.firecracker.handle import FcHandle, is_vmm_of, mismatch
+from metald.backends.firecracker.hostcheck import binary_version, executable, kvm_unusable, not_static
 from metald.backends.firecracker.launch import (
     DirectLauncher,
     JailerLauncher,
@@ -51,16 +48,14 @@ from metald.core.ports import ExitCallback, RunState
 if TYPE_CHECKING:
     from metald.jailer.jailer import Jailer
 
+__all__ = ["FirecrackerBackend", "default_launcher", "kvm_unusable"]
+
 log = logging.getLogger(__name__)
 
 LOG_NAME = "firecracker.log"
 METRICS_NAME = "firecracker.metrics"
 STDERR_NAME = "firecracker.stderr"
 IFACE_ID = "eth0"
-VERSION_RE = re.compile(r"v?(\d+\.\d+\.\d+\S*)")
-KVM_GET_API_VERSION = 0xAE00  # _IO(KVMIO, 0x00)
-PT_INTERP = 3
-KVM_API_VERSION = 12
 PID_FILE_WAIT_S = 5.0
 INSTALL_HINT = (
     "install the static release binary (firecracker-v1.16.1-x86_64 from the "
@@ -199,7 +194,7 @@ class FirecrackerBackend:
 
     # --- host check -----------------------------------------------------------------
     async def ping(self) -> tuple[bool, str]:
-        binary = _executable(self.settings.firecracker_binary)
+        binary = executable(self.settings.firecracker_binary)
         if binary is None:
             return False, (
                 f"Firecracker binary {self.settings.firecracker_binary!r} is missing or not "
@@ -214,7 +209,7 @@ class FirecrackerBackend:
                     f"libraries or interpreters, so it needs a static executable: {INSTALL_HINT}"
                 )
         if isinstance(self.launcher, OwnJailerLauncher):
-            if _executable(self.settings.firecracker_jailer_binary) is None:
+            if executable(self.settings.firecracker_jailer_binary) is None:
                 return False, (
                     f"Firecracker's jailer {self.settings.firecracker_jailer_binary!r} is missing "
                     "or not executable: install jailer-v1.16.1-x86_64 from the same release, set "
@@ -544,7 +539,7 @@ class FirecrackerBackend:
             try:
                 vm.version = await vm.client.version()
             except BackendError:
-                binary = _executable(self.settings.firecracker_binary)
+                binary = executable(self.settings.firecracker_binary)
                 vm.version = (await binary_version(binary) if binary else None) or "unknown"
         out["firecracker_version"] = vm.version
         return out
@@ -582,75 +577,6 @@ def _poweroff_reason(returncode: int | None, reason: str | None) -> str:
     if returncode is None:
         return "exited after Ctrl+Alt+Del"
     return f"exited after Ctrl+Alt+Del ({reason})"
-
-
-def kvm_unusable(path: Path) -> str | None:
-    """Why ``path`` is no usable KVM device (opens read-write, answers its API version); None if it is."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return f"{path} cannot be opened read-write ({exc.strerror})"
-    try:
-        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
-    except OSError as exc:
-        return f"{path} is no KVM device (KVM_GET_API_VERSION: {exc.strerror})"
-    finally:
-        os.close(fd)
-    if version != KVM_API_VERSION:
-        return f"{path} speaks KVM API {version}, not {KVM_API_VERSION}"
-    return None
-
-
-def not_static(path: Path) -> str | None:
-    """Why ``path`` is not a statically linked ELF executable; None if it is one."""
-    try:
-        with open(path, "rb") as fh:
-            header = fh.read(64)
-            if len(header) < 64 or header[:4] != b"\x7fELF":
-                return "is not an ELF executable (a script?)"
-            if header[4] != 2 or header[5] != 1:
-                return "is not a 64-bit little-endian ELF executable"
-            (phoff,) = struct.unpack_from("<Q", header, 32)
-            phentsize, phnum = struct.unpack_from("<HH", header, 54)
-            fh.seek(phoff)
-            table = fh.read(phentsize * phnum)
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror})"
-    if len(table) < phentsize * phnum or phentsize < 4:
-        return "is a truncated ELF file"
-    for i in range(phnum):
-        if struct.unpack_from("<I", table, i * phentsize)[0] == PT_INTERP:
-            return "is dynamically linked"
-    return None
-
-
-def _executable(name: str) -> Path | None:
-    found = shutil.which(name) if "/" not in name else name
-    if found and os.path.isfile(found) and os.access(found, os.X_OK):
-        return Path(found)
-    return None
-
-
-async def binary_version(binary: Path, timeout_s: float = 5.0) -> str | None:
-    """The version ``<binary> --version`` prints (Firecracker prints "Firecracker vX.Y.Z")."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            str(binary),
-            "--version",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-    except OSError:
-        return None
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return None
-    found = VERSION_RE.search(out.decode(errors="replace"))
-    return found.group(1) if proc.returncode == 0 and found else None
 
 
 def _tail(path: Path | None, limit: int = 2000) -> str:
