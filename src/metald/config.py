@@ -284,7 +284,7 @@ def load_settings(env_file: str | None = None, **overrides: object) -> Settings:
     """
     path = env_file or os.environ.get("METALD_ENV_FILE", DEFAULT_ENV_FILE)
     try:
-        return Settings(_env_file=path if Path(path).is_file() else None, **overrides)  # type: ignore[arg-type,call-arg]
+        return Settings(_env_file=path if Path(path).is_file() else None, **overrides)  # type: ignore[arg-type,call-arg]  # pydantic-settings takes _env_file at run time only
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

@@ -122,7 +122,7 @@ async def run(settings: Settings) -> None:
     try:
         if daemon.metrics is not None:
             await daemon.metrics.start()
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]  # hypercorn types its ASGI app narrower than ours
     finally:
         log.info("stopping: VMs keep running")
         if daemon.metrics is not None:

@@ -14,7 +14,7 @@ from typing import Any
 from metald.core.errors import BackendError, InvalidArgument
 from metald.core.models import BootSpec, NetworkAllocation, VmMetrics
 from metald.core.plan import FuncStep, Step
-from metald.core.ports import ExitCallback, IdentityAdopter, RunState
+from metald.core.ports import BackendLimits, ExitCallback, IdentityAdopter, RunState
 
 
 class FakeBackend:
@@ -40,6 +40,9 @@ class FakeBackend:
 
     async def ping(self) -> tuple[bool, str]:
         return True, "fake"
+
+    def limits(self) -> BackendLimits:
+        return BackendLimits(max_vcpus=32)
 
     async def validate(self, spec: BootSpec) -> None:
         if spec.vcpu_count > 32:
@@ -111,6 +114,9 @@ class FakeBackend:
         gone = sorted(self.jails - known_vm_ids)
         self.jails -= set(gone)
         return gone
+
+    def run_dir_entries(self) -> frozenset[str]:
+        return frozenset()
 
     # --- JailKeeper ----------------------------------------------------------
     @property

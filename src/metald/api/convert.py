@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from typing import cast
 
 from metald.core.engine import VmView
 from metald.core.errors import InvalidArgument
@@ -13,10 +14,15 @@ from metald.core.records import VmRecord
 from metald.gen.metal.vmprovisioner.v1 import vm_pb2 as pb
 
 
+def wire_state(state: int) -> pb.VmState:
+    """The wire enum of a core VmState (the same numbers)."""
+    return cast(pb.VmState, int(state))
+
+
 def vm_info(row: VmRecord) -> pb.VmInfo:
     return pb.VmInfo(
         vm_id=row.vm_id,
-        state=row.state,  # type: ignore[arg-type]
+        state=wire_state(row.state),
         vcpu_count=row.vcpu_count,
         memory_size_bytes=row.memory_bytes,
         created_timestamp=row.created_at,
@@ -52,7 +58,7 @@ def vm_info_response(view: VmView) -> pb.GetVmInfoResponse:
     response = pb.GetVmInfoResponse(
         vm_id=view.row.vm_id,
         config=config,
-        state=view.row.state,  # type: ignore[arg-type]
+        state=wire_state(view.row.state),
         metrics=metrics(view.metrics),
         backend_info=view.backend_info,
     )

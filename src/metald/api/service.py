@@ -66,11 +66,12 @@ class VmServiceImpl:
             if existing is not None and not auth.current().may_see(existing.customer_id):
                 # Another tenant's id: refuse without saying whose it is.
                 raise PermissionDenied(f"vm_id {vm_id} cannot be used")
-            draft = validate.vm_config(request.config, self.settings, request.HasField("config"))
+            limits = self.engine.backend.limits()
+            draft = validate.vm_config(request.config, self.settings, request.HasField("config"), limits)
             row = await _engine(
                 self.engine.create, vm_id, customer, draft, request.config.SerializeToString(deterministic=True)
             )
-            return pb.CreateVmResponse(vm_id=row.vm_id, state=row.state)  # type: ignore[arg-type]
+            return pb.CreateVmResponse(vm_id=row.vm_id, state=convert.wire_state(row.state))
 
         return await self._operation("create", call)
 
@@ -88,7 +89,7 @@ class VmServiceImpl:
     ) -> pb.BootVmResponse:
         async def call() -> pb.BootVmResponse:
             state = await _engine(self.engine.boot, self._vm(request.vm_id))
-            return pb.BootVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
+            return pb.BootVmResponse(success=True, state=convert.wire_state(state))
 
         return await self._operation("boot", call)
 
@@ -99,7 +100,7 @@ class VmServiceImpl:
             timeout = validate.shutdown_timeout(request.timeout_seconds)
             vm_id = self._vm(request.vm_id)
             state = await _engine(self.engine.shutdown, vm_id, request.force, timeout)
-            return pb.ShutdownVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
+            return pb.ShutdownVmResponse(success=True, state=convert.wire_state(state))
 
         return await self._operation("shutdown", call)
 
@@ -108,7 +109,7 @@ class VmServiceImpl:
     ) -> pb.PauseVmResponse:
         async def call() -> pb.PauseVmResponse:
             state = await _engine(self.engine.pause, self._vm(request.vm_id))
-            return pb.PauseVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
+            return pb.PauseVmResponse(success=True, state=convert.wire_state(state))
 
         return await self._operation("pause", call)
 
@@ -117,7 +118,7 @@ class VmServiceImpl:
     ) -> pb.ResumeVmResponse:
         async def call() -> pb.ResumeVmResponse:
             state = await _engine(self.engine.resume, self._vm(request.vm_id))
-            return pb.ResumeVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
+            return pb.ResumeVmResponse(success=True, state=convert.wire_state(state))
 
         return await self._operation("resume", call)
 
@@ -126,7 +127,7 @@ class VmServiceImpl:
     ) -> pb.RebootVmResponse:
         async def call() -> pb.RebootVmResponse:
             state = await _engine(self.engine.reboot, self._vm(request.vm_id), request.force)
-            return pb.RebootVmResponse(success=True, state=int(state))  # type: ignore[arg-type]
+            return pb.RebootVmResponse(success=True, state=convert.wire_state(state))
 
         return await self._operation("reboot", call)
 

@@ -18,7 +18,9 @@ from pathlib import Path
 from metald.config import Settings
 from metald.core.errors import InvalidArgument
 from metald.core.files import check_regular_file
+from metald.core.lifecycle import host_memory_bytes
 from metald.core.models import Drive, NicRequest, RateLimit, VmDraft, VmState
+from metald.core.ports import BackendLimits
 from metald.gen.metal.vmprovisioner.v1 import vm_pb2 as pb
 
 VM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
@@ -27,7 +29,6 @@ DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 TAP_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
-MAX_VCPUS = 64
 MIN_MEMORY = 32 << 20
 MAX_DRIVES = 8
 MAX_DNS = 3
@@ -204,21 +205,16 @@ def metadata(values: Mapping[str, str], field: str) -> tuple[tuple[str, str], ..
     return tuple(sorted(items.items()))
 
 
-def vm_config(config: pb.VmConfig, settings: Settings, has_config: bool) -> VmDraft:
-    """Validate a VmConfig and apply defaults (the bundled image)."""
+def vm_config(config: pb.VmConfig, settings: Settings, has_config: bool, limits: BackendLimits) -> VmDraft:
+    """Validate a VmConfig and apply defaults (the bundled image); ``limits``: the backend's."""
     if not has_config:
         raise InvalidArgument("config", "is required")
     # --- cpu
     cpu = config.cpu
     if not config.HasField("cpu") or cpu.vcpu_count == 0:
         raise InvalidArgument("config.cpu.vcpu_count", "is required and must be at least 1")
-    if not 1 <= cpu.vcpu_count <= MAX_VCPUS:
-        raise InvalidArgument("config.cpu.vcpu_count", f"must be between 1 and {MAX_VCPUS}")
-    host_cpus = os.cpu_count() or 1
-    if cpu.vcpu_count > host_cpus * 4:
-        raise InvalidArgument(
-            "config.cpu.vcpu_count", f"exceeds 4x this host's {host_cpus} CPUs"
-        )
+    if not 1 <= cpu.vcpu_count <= limits.max_vcpus:
+        raise InvalidArgument("config.cpu.vcpu_count", f"must be between 1 and {limits.max_vcpus} on this host")
     if cpu.max_vcpu_count not in (0, cpu.vcpu_count):
         raise InvalidArgument(
             "config.cpu.max_vcpu_count", "vCPU hotplug is not supported: leave 0 or equal to vcpu_count"
@@ -245,7 +241,7 @@ def vm_config(config: pb.VmConfig, settings: Settings, has_config: bool) -> VmDr
         raise InvalidArgument("config.memory.size_bytes", f"must be at least {MIN_MEMORY >> 20} MiB")
     if mem.size_bytes % (1 << 20):
         raise InvalidArgument("config.memory.size_bytes", "must be a whole number of MiB")
-    host_mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    host_mem = host_memory_bytes()
     if mem.size_bytes > host_mem * settings.host_max_memory_fraction:
         raise InvalidArgument(
             "config.memory.size_bytes", f"exceeds what this host can give ({host_mem >> 20} MiB)"

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from metald.config import ConfigError, Settings, load_settings
+from metald.core.layout import NETNS_DIR
 
 
 @dataclass
@@ -148,7 +149,7 @@ def _dir_check(name: str, attr: str, mode_hint: str) -> Check:
 
 
 def check_netns_dir(s: Settings) -> Finding:
-    path = Path("/run/netns")
+    path = NETNS_DIR
     if path.is_dir():
         return Finding("netns_dir", "ok", str(path))
     return Finding(
@@ -218,7 +219,7 @@ def check_ip_pool(s: Settings) -> Finding:
 
 def check_leftovers(s: Settings) -> Finding:
     known = _store_vm_ids(s) or set()
-    netns = Path("/run/netns")
+    netns = NETNS_DIR
     names = [p.name for p in netns.iterdir()] if netns.is_dir() else []
     stray = sorted(n for n in names if n.startswith("fc-") and n[3:] not in known)
     if stray:

@@ -12,8 +12,6 @@ from metald.core.models import VmState
 ACTIVE = (VmState.RUNNING, VmState.PAUSED)
 # VMs reconciled at once at start-up (network re-apply and QMP adoption overlap).
 RECONCILE_CONCURRENCY = 32
-# Entries of the run directory that are not a VM's (the QEMU accelerator probe).
-RUN_DIR_RESERVED = frozenset({"accel-probe"})
 VM_DIR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 
 

@@ -11,6 +11,7 @@ contracts every backend keeps (:class:`VmmLifecycle`, :class:`VmmRecovery`,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from metald.core.models import BootSpec, NetworkAllocation, NicRequest, VmMetrics
@@ -19,6 +20,13 @@ from metald.core.records import Intent, VmRecord
 
 # Called by a backend when a VMM exits on its own: (vm_id, reason).
 ExitCallback = Callable[[str, str], None]
+
+@dataclass(frozen=True)
+class BackendLimits:
+    """The largest VM a backend runs on this host (the API validates against these)."""
+
+    max_vcpus: int
+
 
 # A VMM's own run state, as far as the engine cares ("other": starting, stopped, an error state).
 RunState = Literal["running", "paused", "other"]
@@ -38,6 +46,10 @@ class VmmLifecycle(Protocol):
 
     async def ping(self) -> tuple[bool, str]:
         """Is the backend usable on this host? (ok, detail)"""
+        ...
+
+    def limits(self) -> BackendLimits:
+        """What this backend can run on this host (published once for the API)."""
         ...
 
     async def validate(self, spec: BootSpec) -> None:
@@ -98,6 +110,10 @@ class VmmRecovery(Protocol):
 
     async def sweep_leftovers(self, known_vm_ids: set[str]) -> list[str]:
         """Remove stray VMMs and jails of VMs metald does not know; say what went."""
+        ...
+
+    def run_dir_entries(self) -> frozenset[str]:
+        """Entries of the run directory the backend keeps for itself (not a VM's)."""
         ...
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from metald.core.context import Context
 from metald.core.errors import StepFailed
 from metald.core.layout import TRASH_PREFIX
-from metald.core.lifecycle import ACTIVE, RECONCILE_CONCURRENCY, RUN_DIR_RESERVED, VM_DIR_RE, ReconcileReport
+from metald.core.lifecycle import ACTIVE, RECONCILE_CONCURRENCY, VM_DIR_RE, ReconcileReport
 from metald.core.logs import log_context
 from metald.core.operations import Operations, Recovery
 from metald.core.ports import IdentityAdopter
@@ -235,12 +235,13 @@ class Reconciler:
     def _sweep_run_dirs(self, known: set[str]) -> list[str]:
         """Run directories (and ones moved aside by delete) of VMs not in the store."""
         removed = []
+        reserved = self.ctx.backend.run_dir_entries()
         try:
             entries = list(os.scandir(self.ctx.layout.run_root))
         except FileNotFoundError:
             return []
         for entry in entries:
-            if not entry.is_dir(follow_symlinks=False) or entry.name in RUN_DIR_RESERVED:
+            if not entry.is_dir(follow_symlinks=False) or entry.name in reserved:
                 continue
             name = entry.name.removeprefix(TRASH_PREFIX)
             if not VM_DIR_RE.match(name) or (name in known and name == entry.name):

@@ -30,9 +30,10 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+from metald.core import layout
 from metald.network.rtnl import Rtnl
 
-NETNS_DIR = Path("/run/netns")
+NETNS_DIR = layout.NETNS_DIR
 CLONE_NEWNET = 0x40000000
 MS_BIND = 0x1000
 MS_REC = 0x4000

@@ -38,12 +38,13 @@ from metald.backends.firecracker.launch import (
     OwnJailerLauncher,
 )
 from metald.backends.firecracker.metrics import CpuSampler, MetricsFile
-from metald.backends.firecracker.validation import MIB, boot_args, check_spec
+from metald.backends.firecracker.validation import MAX_VCPUS, MIB, boot_args, check_spec
 from metald.backends.process import ProcessWatch, describe_status, spawn
 from metald.config import Settings
 from metald.core.errors import BackendError, FailedPrecondition
+from metald.core.layout import VmLayout
 from metald.core.models import BootSpec, VmMetrics
-from metald.core.ports import ExitCallback, RunState
+from metald.core.ports import BackendLimits, ExitCallback, RunState
 
 if TYPE_CHECKING:
     from metald.jailer.jailer import Jailer
@@ -130,6 +131,7 @@ class FirecrackerBackend:
         jailer: Jailer | None = None,
     ) -> None:
         self.settings = settings
+        self.layout = VmLayout.from_settings(settings)
         self.launcher = launcher or default_launcher(settings, jailer)
         self.kvm_path = kvm_path
         self.start_timeout_s = start_timeout_s
@@ -167,6 +169,9 @@ class FirecrackerBackend:
         self.launcher.prepare(spec)
         await self.launcher.setup(spec)
 
+    def run_dir_entries(self) -> frozenset[str]:
+        return frozenset()
+
     def identity_adopter(self) -> None:
         """None: each Firecracker is adopted on its own (``adopt`` asks its API)."""
         return None
@@ -188,7 +193,7 @@ class FirecrackerBackend:
                 await self._stop(vm, force=True, timeout_s=0)
             await self._forget(vm_id)
         if kill_strays:
-            run_dir = self.settings.run_dir / vm_id
+            run_dir = self.layout.run_dir(vm_id)
             self._kill_strays(vm_id, self.launcher.api_sock_arg(vm_id, run_dir))
         return []
 
@@ -227,6 +232,9 @@ class FirecrackerBackend:
         if version is None:
             return False, f"{binary} --version did not print a Firecracker version"
         return True, f"firecracker {version} at {binary} ({self.launcher.name}); {self.kvm_path} usable"
+
+    def limits(self) -> BackendLimits:
+        return BackendLimits(max_vcpus=MAX_VCPUS)
 
     async def validate(self, spec: BootSpec) -> None:
         check_spec(spec)
@@ -474,9 +482,9 @@ class FirecrackerBackend:
             files_dir = Path(vm.handle.files_dir)
             await self._forget(vm_id)
         else:
-            files_dir = self.settings.run_dir / vm_id
+            files_dir = self.layout.run_dir(vm_id)
             self._kill_strays(vm_id, self.launcher.api_sock_arg(vm_id, files_dir))
-        run_dir = self.settings.run_dir / vm_id
+        run_dir = self.layout.run_dir(vm_id)
         for directory in {files_dir, run_dir}:
             for name in (LOG_NAME, METRICS_NAME, STDERR_NAME, "firecracker.sock"):
                 with contextlib.suppress(OSError):

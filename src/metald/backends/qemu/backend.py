@@ -28,12 +28,12 @@ from metald.backends.qemu.command import (
 from metald.backends.qemu.launch import JailedLauncher, PlainLauncher, QemuLauncher
 from metald.backends.qemu.metrics import CpuSample, apply_blockstats, read_network, read_process
 from metald.backends.qemu.qmp import QmpSession, exit_reason
-from metald.backends.qemu.validate import validate_spec
+from metald.backends.qemu.validate import max_vcpus, validate_spec
 from metald.config import Settings
 from metald.core.errors import BackendError
 from metald.core.layout import VmLayout
 from metald.core.models import BootSpec, VmMetrics
-from metald.core.ports import ExitCallback, IdentityAdopter, RunState
+from metald.core.ports import BackendLimits, ExitCallback, IdentityAdopter, RunState
 from metald.jailer.jailer import Jailer
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ KILL_WAIT_S = 5.0
 REBOOT_GRACE_S = 30.0
 POWER_BUTTON_REPEAT_S = 2.0
 EXIT_DRAIN_S = 1.0
+ACCEL_PROBE_DIR = "accel-probe"  # in the run directory: the KVM probe's files
 VERSION_RE = re.compile(r"version (\S+)")
 
 
@@ -100,7 +101,7 @@ class QemuBackend:
             settings.qemu_accel,
             settings.run_dir / "qemu-accel.json",
             self.qemu_version,
-            lambda spec: probe_kvm(spec, settings.qemu_binary, settings.run_dir / "accel-probe", PROBE_TIMEOUT_S),
+            lambda spec: probe_kvm(spec, settings.qemu_binary, settings.run_dir / ACCEL_PROBE_DIR, PROBE_TIMEOUT_S),
         )
 
     # --- setup ---------------------------------------------------------------
@@ -133,6 +134,9 @@ class QemuBackend:
         except (BackendError, OSError, TimeoutError) as exc:
             return False, str(exc)
         return True, f"QEMU {version}, accel={self.settings.qemu_accel}"
+
+    def limits(self) -> BackendLimits:
+        return BackendLimits(max_vcpus=max_vcpus())
 
     async def validate(self, spec: BootSpec) -> None:
         validate_spec(spec)
@@ -227,6 +231,9 @@ class QemuBackend:
         (prelaunch, an error state, ...)."""
         status = await (await self._ready(self._running(vm_id))).status()
         return "running" if status == "running" else "paused" if status == "paused" else "other"
+
+    def run_dir_entries(self) -> frozenset[str]:
+        return frozenset({ACCEL_PROBE_DIR})
 
     def identity_adopter(self) -> IdentityAdopter:
         """QEMU adopts on identity in one batch and attaches QMP later (adopt_many, attach)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from metald.core.layout import NETNS_DIR
 from metald.core.models import BootSpec, Drive
 
 Accel = Literal["kvm", "tcg"]
@@ -20,7 +21,6 @@ Accel = Literal["kvm", "tcg"]
 QMP_SOCKET = "qmp.sock"
 PID_FILE = "qemu.pid"
 VMM_LOG = "vmm.log"
-NETNS_DIR = Path("/run/netns")
 
 # microvm; isa-serial is the guest console (ttyS0). The PIT, PIC and RTC stay:
 # the Debian cloud kernel calibrates its TSC against the PIT and without them
