@@ -11,7 +11,8 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from metald.backends.firecracker.backend import FirecrackerBackend, kvm_unusable
 from metald.backends.firecracker.client import FirecrackerClient
 from metald.backends.firecracker.handle import is_vmm_of
 from metald.backends.firecracker.launch import DirectLauncher, JailerLauncher
+from metald.backends.firecracker.validation import boot_args, kernel_cmdline
 from metald.config import Settings
 from metald.core.errors import BackendError, InvalidArgument
 from metald.core.models import BootSpec, Drive, NetworkAllocation, RateLimit
@@ -54,6 +56,7 @@ class Env:
         self.exits: list[tuple[str, str]] = []
         self.exit_event = asyncio.Event()
         self.backends: list[FirecrackerBackend] = []
+        self.cleanups: list[Callable[[], object]] = []
 
     def backend(self, **knobs: str) -> FirecrackerBackend:
         shim_dir = self.tmp / f"shim{len(self.backends)}"
@@ -105,6 +108,8 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
             with contextlib.suppress(Exception):
                 await backend.cleanup(vm_id)
         await backend.close()
+    for cleanup in e.cleanups:
+        cleanup()
 
 
 def _alive(pid: int) -> bool:
@@ -283,8 +288,13 @@ async def test_forced_reboot(env: Env) -> None:
     assert calls == CONFIG_SEQUENCE + CONFIG_SEQUENCE
 
 
-async def test_network_interface_and_rate_limiters(env: Env) -> None:
+async def test_network_interface_and_rate_limiters(env: Env, require_isolated: None) -> None:
     backend = env.backend()
+    # The double attaches to the TAP as Firecracker does (on by default): a real one, in the
+    # test's private network namespace (the launcher here enters none).
+    subprocess.run(["ip", "tuntap", "add", "tap_ab12cd34", "mode", "tap"], check=True)
+    request_cleanup = env.cleanups.append
+    request_cleanup(lambda: subprocess.run(["ip", "link", "del", "tap_ab12cd34"], check=False))
     net = NetworkAllocation(
         short_id="ab12cd34",
         namespace="fc-vm-fc-net",
@@ -362,6 +372,32 @@ async def test_exit_callback_when_the_vmm_is_killed(env: Env) -> None:
 
     assert env.exits == [(spec.vm_id, "killed by signal SIGKILL")]
     assert not backend.is_running(spec.vm_id)
+
+
+async def test_firecrackers_own_exit_codes_are_named_not_read_as_signals(env: Env) -> None:
+    backend = env.backend(FC_DOUBLE_EXIT_AFTER_START="148")  # Firecracker's seccomp violation
+    spec = env.spec()
+    await backend.boot(spec)
+    await asyncio.wait_for(env.exit_event.wait(), 10)
+    [(vm_id, reason)] = env.exits
+    assert vm_id == spec.vm_id and "signal" not in reason
+    assert reason.startswith("exit code 148 (seccomp violation")
+
+
+async def test_boot_args_too_long_once_firecracker_appends_its_own(env: Env) -> None:
+    backend = env.backend()
+    spec = env.spec()
+    base = len(boot_args(spec).encode())
+    # Fits 2047 bytes alone, not with pci=off, root=/dev/vda rw and two virtio_mmio.device= entries.
+    near = replace(spec, kernel_args=spec.kernel_args + " " + "x" * (2047 - base - 1))
+    assert len(boot_args(near).encode()) == 2047
+    with pytest.raises(InvalidArgument) as caught:
+        await backend.validate(near)
+    assert caught.value.field == "config.boot.kernel_args" and "2047" in str(caught.value)
+    fits = replace(spec, kernel_args=spec.kernel_args + " " + "x" * (2047 - len(kernel_cmdline(spec).encode()) - 1))
+    await backend.validate(fits)
+    await backend.boot(fits)  # the double applies Firecracker's check at InstanceStart
+    assert env.config_requests()[-1]["status"] == 204
 
 
 async def test_exit_callback_when_the_guest_powers_off_by_itself(env: Env) -> None:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from metald.backends import procfs
 from metald.backends.firecracker.client import FirecrackerClient
+from metald.backends.firecracker.exits import describe_exit
 from metald.backends.firecracker.handle import FcHandle, is_vmm_of, mismatch
 from metald.backends.firecracker.launch import (
     DirectLauncher,
@@ -42,7 +43,7 @@ from metald.backends.firecracker.launch import (
 )
 from metald.backends.firecracker.metrics import CpuSampler, MetricsFile
 from metald.backends.firecracker.validation import MIB, boot_args, check_spec
-from metald.backends.process import ProcessWatch, describe_status, spawn
+from metald.backends.process import ProcessWatch, spawn
 from metald.config import Settings
 from metald.core.errors import BackendError, FailedPrecondition
 from metald.core.models import BootSpec, VmMetrics
@@ -342,9 +343,7 @@ class FirecrackerBackend:
         vm = self._vms.get(vm_id)
         if vm is None:
             return
-        if vm.handle.vmm_pid and returncode is not None and 128 < returncode < 192:
-            returncode = 128 - returncode  # the launcher exits 128+N for a VMM killed by signal N
-        vm.exit_reason = describe_status(returncode)
+        vm.exit_reason = describe_exit(returncode)  # the launcher passes the VMM's status on unchanged
         task = asyncio.get_running_loop().create_task(vm.client.close())
         vm.tasks.add(task)
         task.add_done_callback(vm.tasks.discard)
