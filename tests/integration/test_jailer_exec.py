@@ -23,9 +23,8 @@ from metald.config import Settings
 from metald.core.errors import StepFailed
 from metald.core.models import BootSpec, Drive
 from metald.core.plan import Plan
-from metald.jailer import Jail, Jailer
+from metald.jailer import Jail, Jailer, devices
 from metald.jailer import cgroup as cg
-from metald.jailer import devices
 from metald.jailer.chroot import mounts_under, remove_tree
 from metald.jailer.resource_limits import Limits
 
