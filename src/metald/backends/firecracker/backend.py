@@ -39,9 +39,9 @@ from metald.backends.firecracker.launch import (
     JailerLauncher,
     Launch,
     Launcher,
-    OwnJailerLauncher,
 )
 from metald.backends.firecracker.metrics import CpuSampler, MetricsFile
+from metald.backends.firecracker.own_jailer import OwnJailerLauncher
 from metald.backends.firecracker.validation import MIB, boot_args, check_spec
 from metald.backends.process import ProcessWatch, spawn
 from metald.config import Settings
@@ -107,13 +107,10 @@ class _Vm:
 def default_launcher(settings: Settings, jailer: Jailer | None) -> Launcher:
     """Firecracker's own jailer if asked for, else metald's jailer, else none (development)."""
     if settings.firecracker_use_own_jailer:
-        return OwnJailerLauncher(
-            settings.firecracker_jailer_binary,
-            settings.firecracker_binary,
-            settings.jailer_uid,
-            settings.jailer_gid,
-            settings.jailer_chroot_dir,
-        )
+        from metald.jailer.jailer import Jailer
+
+        own = jailer or Jailer(settings)  # its cgroup layout and limits
+        return OwnJailerLauncher(settings.firecracker_jailer_binary, settings.firecracker_binary, own)
     if jailer is not None:
         return JailerLauncher(jailer, settings.firecracker_binary)
     log.warning(
@@ -203,7 +200,7 @@ class FirecrackerBackend:
 
     async def validate(self, spec: BootSpec) -> None:
         check_spec(spec)
-        if isinstance(self.launcher, JailerLauncher):
+        if isinstance(self.launcher, JailerLauncher | OwnJailerLauncher):
             self.launcher.validate(spec)
 
     # --- start ------------------------------------------------------------------------
