@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,9 @@ from metald.backends.firecracker.backend import FirecrackerBackend, kvm_unusable
 from metald.backends.firecracker.client import FirecrackerClient
 from metald.backends.firecracker.handle import is_vmm_of
 from metald.backends.firecracker.launch import DirectLauncher, JailerLauncher
+from metald.backends.firecracker.logcap import allocated_bytes
 from metald.backends.firecracker.validation import boot_args, kernel_cmdline
+from metald.backends.qemu.console import TRUNCATED_MARK
 from metald.config import Settings
 from metald.core.errors import BackendError, InvalidArgument
 from metald.core.models import BootSpec, Drive, NetworkAllocation, RateLimit
@@ -58,11 +61,14 @@ class Env:
         self.backends: list[FirecrackerBackend] = []
         self.cleanups: list[Callable[[], object]] = []
 
-    def backend(self, **knobs: str) -> FirecrackerBackend:
+    def backend(self, log_cap: int = 1 << 20, **knobs: str) -> FirecrackerBackend:
         shim_dir = self.tmp / f"shim{len(self.backends)}"
         shim_dir.mkdir()
         shim = harness.make_shim(shim_dir, self.record, **knobs)
-        settings = Settings(run_dir=self.run_root, data_dir=self.tmp / "data", firecracker_binary=str(shim))
+        data_dir = self.tmp / "data"
+        settings = Settings(
+            run_dir=self.run_root, data_dir=data_dir, firecracker_binary=str(shim), console_log_max_bytes=log_cap
+        )
         launcher = DirectLauncher(str(shim), netns_prefix=lambda ns: [])
         backend = FirecrackerBackend(settings, launcher=launcher, kvm_path=self.kvm, reboot_grace_s=5.0)
         backend.set_exit_callback(self._on_exit)
@@ -398,6 +404,52 @@ async def test_boot_args_too_long_once_firecracker_appends_its_own(env: Env) -> 
     await backend.validate(fits)
     await backend.boot(fits)  # the double applies Firecracker's check at InstanceStart
     assert env.config_requests()[-1]["status"] == 204
+
+
+async def _until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("console", [True, False])
+async def test_a_guest_printing_without_end_stays_under_the_log_cap(env: Env, console: bool) -> None:
+    cap = 64 * 1024
+    flood = 8 << 20  # the guest prints 128 times the cap
+    backend = env.backend(log_cap=cap, FC_DOUBLE_CONSOLE_FLOOD=str(flood))
+    spec = replace(env.spec(), console_enabled=console)
+    await backend.boot(spec)
+    stderr = spec.run_dir / "firecracker.stderr"
+    out = spec.console_log if console else stderr  # with the console off, serial output goes to stderr
+
+    def flood_done() -> bool:
+        return b"console flood done" in stderr.read_bytes()
+
+    await _until(flood_done, "the flood to end")
+    await _until(lambda: out.stat().st_size <= cap and stderr.stat().st_size <= cap, "the cap")
+    data = out.read_bytes()
+    assert data.startswith(TRUNCATED_MARK)
+    last = re.search(rb"last line (\d+)", stderr.read_bytes())
+    assert last is not None and f"guest line {int(last.group(1)):09d}".encode() in data  # the newest output is kept
+    assert backend.is_running(spec.vm_id)
+
+
+async def test_the_metrics_file_stays_under_the_cap_and_no_line_is_lost(env: Env) -> None:
+    cap = 8192
+    backend = env.backend(log_cap=cap)
+    spec = env.spec()
+    await backend.boot(spec)
+    metrics_path = Path(backend._vms[spec.vm_id].handle.metrics_path)
+    flushes = 40
+    for _ in range(flushes):  # each call flushes one line of a few KiB
+        await backend.metrics(spec.vm_id)
+    assert metrics_path.stat().st_size > 4 * cap  # Firecracker's write offset keeps growing ...
+    await _until(lambda: allocated_bytes(metrics_path) <= cap + 4096, "the metrics cap")  # ... its blocks do not
+    totals = await backend.metrics(spec.vm_id)
+    per_flush = 2 * 65536  # the double's read_bytes per flush, two drives
+    assert totals.block_read_bytes == (flushes + 1) * per_flush
 
 
 async def test_exit_callback_when_the_guest_powers_off_by_itself(env: Env) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from metald.backends.firecracker.handle import FcHandle, is_vmm_of, mismatch
 from metald.backends.firecracker.launch import DirectLauncher
+from metald.backends.firecracker.logcap import allocated_bytes, punch_hole
 from metald.backends.firecracker.metrics import MetricsFile
 from metald.backends.firecracker.own_jailer import OwnJailerLauncher, cgroup_args
 from metald.backends.firecracker.validation import boot_args
@@ -135,3 +136,20 @@ def test_handle_round_trip_and_identity_check() -> None:
     assert is_vmm_of(argv, "vm-1", "/s.sock")
     assert not is_vmm_of(argv, "vm-2", "/s.sock")
     assert not is_vmm_of(["/fc", "--id", "/s.sock", "--api-sock", "vm-1"], "vm-1", "/s.sock")
+
+
+def test_metrics_reader_skips_a_punched_hole(tmp_path: Path) -> None:
+    path = tmp_path / "m"
+    with open(path, "wb") as fh:  # written at its own offset, as Firecracker does
+        for _ in range(200):
+            fh.write(line(1, 10).encode())
+    reader = MetricsFile(path)
+    assert reader.read_new() == 200
+    punch_hole(path, reader.consumed)
+    assert allocated_bytes(path) < path.stat().st_size  # the read part is freed, the size kept
+    with open(path, "ab") as fh:
+        fh.write(line(5, 50).encode())
+    assert reader.read_new() == 1 and reader.totals.net_rx_bytes == 205
+    fresh = MetricsFile(path)  # a restarted metald: skips the hole and the cut line after it
+    fresh.read_new()
+    assert fresh.totals.bad_lines == 0 and 0 < fresh.totals.net_rx_bytes < 205

@@ -40,6 +40,7 @@ from metald.backends.firecracker.launch import (
     Launch,
     Launcher,
 )
+from metald.backends.firecracker.logcap import LogCapper, VmFiles
 from metald.backends.firecracker.metrics import CpuSampler, MetricsFile
 from metald.backends.firecracker.own_jailer import OwnJailerLauncher
 from metald.backends.firecracker.validation import MIB, boot_args, check_spec
@@ -82,6 +83,7 @@ class _Vm:
     version: str | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     vmm_fd: int | None = None  # pidfd of the VMM when ``watch`` follows the jailer's launcher
+    console_path: Path | None = None  # the guest's serial output (capped by logcap)
 
     def watch_vmm(self, vmm_pid: int) -> None:
         """Keep a pidfd of the VMM inside the launcher's PID namespace (checked to be its child)."""
@@ -139,6 +141,14 @@ class FirecrackerBackend:
         self.reboot_grace_s = reboot_grace_s
         self._vms: dict[str, _Vm] = {}
         self._on_exit_cb: ExitCallback | None = None
+        self.log_capper = LogCapper(settings.console_log_max_bytes, self._capped_files)
+
+    def _capped_files(self) -> list[VmFiles]:
+        return [
+            VmFiles(vm_id, [p for p in (vm.console_path, vm.stderr_path) if p is not None], vm.metrics)
+            for vm_id, vm in self._vms.items()
+            if vm.watch.alive
+        ]
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self._on_exit_cb = callback
@@ -253,6 +263,7 @@ class FirecrackerBackend:
             chroot=str(launch.chroot) if launch.chroot else None,
         )
         vm = self._track(handle, popen, stderr_path)
+        vm.console_path = spec.console_log if spec.console_enabled else None
         try:
             await self._wait_for_api(vm)
             if launch.pid_file is not None:
@@ -282,6 +293,7 @@ class FirecrackerBackend:
         )
         self._vms[vm_id] = vm
         watch.start()
+        self.log_capper.ensure_running()
         return vm
 
     async def _wait_for_api(self, vm: _Vm) -> None:
@@ -362,7 +374,8 @@ class FirecrackerBackend:
         if why is not None:
             log.info("not adopting firecracker for %s: %s", spec.vm_id, why)
             return False
-        vm = self._track(parsed, None, None)
+        vm = self._track(parsed, None, spec.run_dir / STDERR_NAME)
+        vm.console_path = spec.console_log if spec.console_enabled else None
         if parsed.vmm_pid:
             vm.watch_vmm(parsed.vmm_pid)
         try:
@@ -531,6 +544,7 @@ class FirecrackerBackend:
         return result
 
     async def close(self) -> None:
+        await self.log_capper.close()
         for vm_id in list(self._vms):
             await self._forget(vm_id)
 
