@@ -71,7 +71,7 @@ class Settings(BaseSettings):
         "auto", description="auto uses KVM only after a test boot succeeds"
     )
     console_log_max_bytes: int = Field(
-        1 << 20, ge=4096, description="Cap of each VM's console log file"
+        1 << 20, ge=4096, description="Cap of each VM's console log, VMM stderr and Firecracker metrics file"
     )
 
     # --- Firecracker backend -------------------------------------------------
