@@ -21,7 +21,7 @@ import pytest
 
 from metald.backends import procfs
 from metald.backends.firecracker.backend import FirecrackerBackend, kvm_unusable
-from metald.backends.firecracker.client import FirecrackerClient
+from metald.backends.firecracker.client import FirecrackerApiError, FirecrackerClient
 from metald.backends.firecracker.handle import is_vmm_of
 from metald.backends.firecracker.launch import DirectLauncher, JailerLauncher
 from metald.backends.firecracker.logcap import allocated_bytes
@@ -602,3 +602,26 @@ async def test_client_reaches_a_socket_whose_path_is_too_long_for_sun_path(env: 
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def test_double_exits_after_a_failed_snapshot_load(env: Env) -> None:
+    """Firecracker replies to a failed load, then exits (the process is too dirty to go on)."""
+    shim = harness.make_shim(env.tmp, env.record)
+    sock = env.tmp / "fc.sock"
+    junk = env.tmp / "junk"
+    junk.write_text("not a snapshot")
+    proc = await asyncio.create_subprocess_exec(str(shim), "--api-sock", str(sock), "--id", "snap")
+    try:
+        for _ in range(500):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.02)
+        async with FirecrackerClient(sock) as client:
+            with pytest.raises(FirecrackerApiError) as caught:
+                await client._call("PUT", "/snapshot/load", {"snapshot_path": str(junk), "mem_file_path": str(junk)})
+        assert caught.value.status == 400 and "Failed to restore from snapshot" in caught.value.fault_message
+        assert await asyncio.wait_for(proc.wait(), 30) == 1
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
