@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 GEN := src/metald/gen
 PROTO := proto/metal/vmprovisioner/v1/vm.proto
 IMAGE_DIR ?= $(CURDIR)/build/image
-DEBIAN_PACKAGES := qemu-system-x86 busybox-static nftables iptables iproute2 kmod cpio e2fsprogs curl jq gcc libc6-dev
+DEBIAN_PACKAGES := qemu-system-x86 qemu-utils busybox-static nftables iptables iproute2 kmod cpio e2fsprogs curl jq gcc libc6-dev
 export UNKEY_METALD_IMAGE_DIR ?= $(IMAGE_DIR)
 
 .PHONY: help deps venv gen dev image run demo test test-unit lint bench clean install uninstall \
@@ -45,7 +45,7 @@ $(GEN)/.stamp: $(PROTO) $(BIN)/.installed
 dev: deps venv gen ## Everything needed to run metald from this checkout
 
 image: $(IMAGE_DIR)/.stamp ## Build the bundled guest image (kernel, initramfs, rootfs)
-$(IMAGE_DIR)/.stamp: guest/build-image.sh guest/init
+$(IMAGE_DIR)/.stamp: guest/build-image.sh guest/init guest/reseed.c
 	bash guest/build-image.sh $(IMAGE_DIR)
 	touch $@
 
