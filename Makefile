@@ -45,7 +45,7 @@ $(GEN)/.stamp: $(PROTO) $(BIN)/.installed
 dev: deps venv gen ## Everything needed to run metald from this checkout
 
 image: $(IMAGE_DIR)/.stamp ## Build the bundled guest image (kernel, initramfs, rootfs)
-$(IMAGE_DIR)/.stamp: guest/build-image.sh guest/init guest/reseed.c
+$(IMAGE_DIR)/.stamp: guest/build-image.sh guest/init guest/agent.c
 	bash guest/build-image.sh $(IMAGE_DIR)
 	touch $@
 

@@ -171,10 +171,9 @@ mkdir -p "$ROOT/lib/modules/$KVER"
 install -m 0755 "$BUSYBOX" "$ROOT/bin/busybox"
 ln -s busybox "$ROOT/bin/sh"
 install -m 0755 "$HERE/init" "$ROOT/init"
-# metald-reseed: reseeds the guest CRNG after a restore (see guest/reseed.c)
-command -v gcc >/dev/null || die "gcc not found (run: make deps)"
-gcc -static -Os -s -Wall -Wextra -o "$ROOT/bin/metald-reseed" "$HERE/reseed.c" ||
-    die "cannot build metald-reseed (static libc from libc6-dev needed)"
+# metald-agent: takes a new identity after a snapshot restore (see guest/agent.c)
+gcc -static -Os -s -Wall -Wextra -o "$ROOT/bin/metald-agent" "$HERE/agent.c" ||
+    die "cannot build metald-agent (static libc from libc6-dev needed)"
 : >"$ROOT/etc/modules.order"
 for rel in "${ORDER[@]}"; do
     mkdir -p "$ROOT/lib/modules/$KVER/$(dirname "$rel")"

@@ -17,7 +17,7 @@ from tests.support.snapkit import Kit, http_get, wait_http
 
 pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("net")]
 
-STEPS_SAVE = ("stop", "migrate", "disks", "manifest", "quit")
+STEPS_SAVE = ("stop", "migrate", "disks", "convert", "manifest", "quit")
 
 
 class Crash(Exception):

@@ -36,13 +36,13 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from metald.backends.qemu import console
+from metald.backends.qemu import console, memfile
 from metald.backends.qemu.backend import QemuBackend
-from metald.backends.qemu.command import opt_escape, ordered_drives, vmm_log_path
+from metald.backends.qemu.command import memory_mib, opt_escape, ordered_drives, vmm_log_path
 from metald.core.errors import BackendError, FailedPrecondition, InvalidArgument
 from metald.core.models import BootSpec, Drive, NetworkAllocation
 
@@ -50,7 +50,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
 MANIFEST_FILE = "snapshot.json"
-STATE_FILE = "vmstate"
+STATE_FILE = "vmstate"  # device state only (memory is in MEMORY_FILE)
+STREAM_FILE = "vmstate.stream"  # the full stream, while the snapshot is being made
+MEMORY_FILE = memfile.MEMORY_FILE
 SERIAL_SOCKET = "serial.sock"
 FD_NAME = "metald-snapshot"
 # The guest is stopped: migrate as fast as the disk takes it.
@@ -86,11 +88,13 @@ class SnapshotManifest:
     accel: str
     qemu_version: str
     guest_state: GuestState  # what the guest was doing when saved
-    state_bytes: int
+    state_bytes: int  # the device state file
+    memory_disk_bytes: int  # what the (sparse) memory file takes on disk
     disks: tuple[SnapshotDisk, ...]
     created_at: float
     stop_seconds: float  # how long the guest was stopped for the save
     format: int = MANIFEST_FORMAT
+    memory_file: str = MEMORY_FILE  # guest RAM, mapped (MAP_PRIVATE) by restores
 
     @property
     def disk_bytes(self) -> int:
@@ -166,6 +170,7 @@ class GuestIdentity:
 class SaveTimings:
     stopped_s: float  # the guest was not running for this long
     total_s: float
+    convert_s: float = 0.0  # making the memory file, after the guest runs again
 
 
 # --- save ----------------------------------------------------------------------
@@ -186,7 +191,8 @@ def check_compatible(manifest: SnapshotManifest, spec: BootSpec) -> None:
 
 def verify_files(directory: Path, manifest: SnapshotManifest) -> None:
     """Refuse a snapshot whose files are missing or of the wrong size (truncated)."""
-    expected = [(STATE_FILE, manifest.state_bytes)] + [(d.file, d.size) for d in manifest.disks]
+    expected = [(STATE_FILE, manifest.state_bytes), (manifest.memory_file, memory_mib(manifest.memory_bytes) << 20)]
+    expected += [(d.file, d.size) for d in manifest.disks]
     for name, size in expected:
         path = directory / name
         try:
@@ -278,11 +284,12 @@ class QemuSnapshots:
             if status == "running":
                 await qmp.execute("stop")
                 stopped_at = time.monotonic()
-            state_path = directory / STATE_FILE
-            fd = os.open(state_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            stream_path = directory / STREAM_FILE
+            fd = os.open(stream_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 self.fault("migrate")
                 await qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+                await memfile.set_ignore_shared(qmp, on=False)
                 await self._pass_fd(qmp, fd)
                 await qmp.execute("migrate", {"uri": f"fd:{FD_NAME}"})
                 await self._wait_migration(qmp, spec.vm_id)
@@ -291,6 +298,28 @@ class QemuSnapshots:
                 os.close(fd)
             self.fault("disks")
             disks = await asyncio.to_thread(_copy_disks, spec, directory)
+            if not stop and status == "running":
+                await qmp.execute("cont")  # the memory file is made while the guest runs again
+                resumed = True
+            stopped_s = time.monotonic() - stopped_at if stopped_at is not None else 0.0
+            converting = time.monotonic()
+            self.fault("convert")
+            state_path = directory / STATE_FILE
+            device_state = await memfile.convert(
+                spec,
+                stream_path,
+                directory,
+                binary=self.backend.settings.qemu_binary,
+                accel="kvm" if vm.handle.accel == "kvm" else "tcg",
+                disk_files={d.drive_id: directory / d.file for d in disks},
+                runas=(self.backend.jailer.settings.jailer_uid, self.backend.jailer.settings.jailer_gid)
+                if self.backend.jailer is not None
+                else None,
+            )
+            os.replace(device_state, state_path)
+            stream_path.unlink()
+            convert_s = time.monotonic() - converting
+            self.fault("manifest")
             manifest = SnapshotManifest(
                 source_vm_id=spec.vm_id,
                 vcpu_count=spec.vcpu_count,
@@ -299,21 +328,16 @@ class QemuSnapshots:
                 qemu_version=await self.backend.qemu_version(),
                 guest_state="running" if status == "running" else "paused",
                 state_bytes=state_path.stat().st_size,
+                memory_disk_bytes=(directory / MEMORY_FILE).stat().st_blocks * 512,
                 disks=disks,
                 created_at=time.time(),
-                stop_seconds=0.0,
+                stop_seconds=round(stopped_s, 4),
             )
-            self.fault("manifest")
-            if stop:
+            await asyncio.to_thread(_write_manifest, directory, manifest)
+            if stop:  # last: any failure before leaves the guest as it was
                 self.fault("quit")
                 reason = await self.backend.shutdown(spec.vm_id, force=True, timeout_s=QUIT_TIMEOUT_S)
                 log.info("qemu %s: hibernated (%s)", spec.vm_id, reason)
-            elif status == "running":
-                await qmp.execute("cont")
-                resumed = True
-            stopped_s = time.monotonic() - stopped_at if stopped_at is not None else 0.0
-            manifest = replace(manifest, stop_seconds=round(stopped_s, 4))
-            await asyncio.to_thread(_write_manifest, directory, manifest)
         except BaseException:
             with contextlib.suppress(BackendError):
                 await qmp.execute("migrate_cancel")
@@ -322,10 +346,11 @@ class QemuSnapshots:
                     await qmp.execute("cont")
             await asyncio.to_thread(shutil.rmtree, directory, True)
             raise
-        timings = SaveTimings(stopped_s=manifest.stop_seconds, total_s=time.monotonic() - started)
+        timings = SaveTimings(manifest.stop_seconds, time.monotonic() - started, convert_s)
         log.info(
-            "qemu %s: snapshot of %d bytes state + %d bytes disks in %.3fs (guest stopped %.3fs)",
-            spec.vm_id, manifest.state_bytes, manifest.disk_bytes, timings.total_s, timings.stopped_s,
+            "qemu %s: snapshot of %d bytes memory, %d state, %d disks in %.3fs (guest stopped %.3fs)",
+            spec.vm_id, manifest.memory_disk_bytes, manifest.state_bytes, manifest.disk_bytes,
+            timings.total_s, timings.stopped_s,
         )
         return manifest, timings
 
@@ -359,7 +384,7 @@ class QemuSnapshots:
     # --- restore -----------------------------------------------------------------
 
     def restore_argv_hook(
-        self, spec: BootSpec, manifest: SnapshotManifest, qcow2: frozenset[Path]
+        self, spec: BootSpec, directory: Path, manifest: SnapshotManifest, qcow2: frozenset[Path]
     ) -> Callable[[list[str]], list[str]]:
         """Edit the boot argv into a restore argv (see the module docstring)."""
 
@@ -377,6 +402,8 @@ class QemuSnapshots:
                     sock = opt_escape(spec.run_dir / SERIAL_SOCKET)
                     logfile = opt_escape(spec.console_log)
                     out[i] = f"socket,id=console0,path={sock},server=on,wait=off,logfile={logfile},logappend=on"
+            memory = directory / manifest.memory_file
+            out = memfile.with_memory_backend(out, memory, memory_mib(manifest.memory_bytes), share=False)
             return [*out, "-S", "-incoming", "defer"]
 
         return hook
@@ -406,7 +433,7 @@ class QemuSnapshots:
         if len(str(serial)) > 107:
             raise BackendError(f"serial socket path too long: {serial}")
         t0 = time.monotonic()
-        handle = await self.backend.boot(spec, argv_hook=self.restore_argv_hook(spec, manifest, qcow2))
+        handle = await self.backend.boot(spec, argv_hook=self.restore_argv_hook(spec, directory, manifest, qcow2))
         t1 = time.monotonic()
         try:
             vm = self.backend._running(spec.vm_id)
@@ -414,6 +441,7 @@ class QemuSnapshots:
             fd = os.open(directory / STATE_FILE, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 self.fault("incoming")
+                await memfile.set_ignore_shared(qmp)
                 await self._pass_fd(qmp, fd)
                 await qmp.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
                 await self._wait_incoming(qmp, spec)
