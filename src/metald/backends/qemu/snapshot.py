@@ -1,27 +1,32 @@
 """Snapshots of QEMU guests: save memory + device state and disks, restore them.
 
 Save (a RUNNING or PAUSED guest): QMP ``stop`` (QEMU drains and flushes its
-drives), the migration stream written to a file metald opened (passed to the
-jailed QEMU over QMP with SCM_RIGHTS + ``getfd``, then ``migrate fd:``: the
-chrooted, unprivileged, seccomp-confined QEMU needs no path and no exec),
-the drives copied (``copy_file_range``: a reflink where the filesystem has
-them) while the guest is still stopped, everything fsynced, then ``cont``
-(or ``quit`` for a hibernation; a PAUSED guest stays paused).
+drives), the full migration stream written to a file metald opened and
+passed to the jailed QEMU over QMP (SCM_RIGHTS + ``getfd``, ``migrate
+fd:``: the chrooted, unprivileged, seccomp-confined QEMU needs no path and
+no exec), the drives copied (``copy_file_range``) while the guest is still
+stopped; then ``cont`` (a PAUSED guest stays paused), and off the guest's
+critical path :mod:`metald.backends.qemu.memfile` turns the stream into a
+memory file plus a ~100 KiB device-state file. A hibernation (``stop=True``)
+quits QEMU last, once every file and the manifest are durable, so a failure
+at any step leaves the guest as it was.
 
-Restore: a new QEMU built from the same BootSpec shape with ``-S -incoming
-defer``, the stream handed over the same way (``migrate-incoming fd:``),
-then ``cont``. QEMU 7.2 has no ``file:`` migration URI nor mapped-ram, and
-its ``exec:`` URI is refused by the jail's ``spawn=deny`` seccomp filter, so
-an fd is the fastest path that works jailed. The guest console of a restored
-QEMU is a unix socket chardev that still logs to the console file
-(``logfile=``), so metald can write one ``METALD_IDENTITY`` line to the
-guest's ttyS0 (guest/init listens): new address, MAC, routes, hostname,
-clock, and a fresh RNG seed.
+Restore: a new QEMU from the VM's BootSpec with its RAM mapped from the
+snapshot's memory file (``memory-backend-file,share=off``: MAP_PRIVATE, lazy,
+copy on write, shared between clones), ``-S -incoming defer``, the
+``x-ignore-shared`` capability, the device state handed over as an fd
+(``migrate-incoming fd:``), then ``cont``. QEMU 7.2 has no ``file:`` URI and
+no mapped-ram; ``exec:`` is refused by the jail's ``spawn=deny`` filter.
+
+Identity: the console of a restored QEMU is a unix socket chardev that still
+logs to the console file (``logfile=``). metald writes one
+``METALD_IDENTITY`` line (new address, MAC, route, hostname, clock, a fresh
+RNG seed, an ack word) to the guest's ttyS0 before ``cont``, and waits for
+``METALD_GUEST_IDENTITY ack=<word>`` (guest/agent.c applies it).
 
 Clones get copy-on-write qcow2 overlays backed by the snapshot's disk copies
-(:func:`clone_drives`). QEMU reads the migration stream with device state
-only for the devices on its command line, so the restore spec must match the
-snapshot's vCPUs, memory and drives (:func:`check_compatible`).
+(:func:`clone_drives`). The restore spec must match the snapshot's vCPUs,
+memory and drives (:func:`check_compatible`): the template's config wins.
 """
 
 from __future__ import annotations
@@ -383,8 +388,9 @@ class QemuSnapshots:
 
     # --- restore -----------------------------------------------------------------
 
+    @staticmethod
     def restore_argv_hook(
-        self, spec: BootSpec, directory: Path, manifest: SnapshotManifest, qcow2: frozenset[Path]
+        spec: BootSpec, directory: Path, manifest: SnapshotManifest, qcow2: frozenset[Path]
     ) -> Callable[[list[str]], list[str]]:
         """Edit the boot argv into a restore argv (see the module docstring)."""
 
