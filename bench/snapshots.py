@@ -127,7 +127,7 @@ async def run(tmp: Path, runs: int, memory_vms: int, big_mib: int) -> dict[str, 
             await kit.snapshots.save(template.spec, hdir, stop=True)
             hibernations.append(time.monotonic() - t0)
             t0 = time.monotonic()
-            await kit.snapshots.restore(template.spec, hdir, identity=GuestIdentity())
+            await kit.snapshots.restore(template.spec, hdir, identity=GuestIdentity(), require_ack=False)
             await wait_http(template.ip)
             resumes.append(time.monotonic() - t0)
             shutil.rmtree(hdir)

@@ -100,7 +100,8 @@ async def test_hibernate_resume_and_interrupted_snapshots(kit: Kit) -> None:
     assert qemu_pids(kit) == []
     assert http_get(vm.ip, "/", timeout=1) is None
     ready_before = vm.spec.console_log.read_bytes().count(b"METALD_GUEST_READY")
-    await kit.snapshots.restore(vm.spec, directory, identity=GuestIdentity())
+    await kit.snapshots.restore(vm.spec, directory, identity=GuestIdentity(), require_ack=False)
+    await wait_http(vm.ip)
     assert http_get(vm.ip, "/cgi-bin/counter") == "5"  # in-memory (tmpfs) state survived
     assert vm.spec.console_log.read_bytes().count(b"METALD_GUEST_READY") == ready_before  # not a boot
     (pid,) = qemu_pids(kit)

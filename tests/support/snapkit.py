@@ -109,6 +109,7 @@ class Kit:
         for vm_id in list(self.vms):
             with contextlib.suppress(Exception):
                 await self.remove(vm_id)
+        await self.snapshots.close()
         await self.backend.close()
         await self.network.settle(10)
         with contextlib.suppress(Exception):

@@ -268,6 +268,7 @@ class QemuSnapshots:
         self.backend = backend
         # crash injection for tests: called with a step name before each step
         self.fault: Callable[[str], None] = lambda step: None
+        self._lingering: set[asyncio.Task[None]] = set()  # identity lines not waited for
 
     async def save(self, spec: BootSpec, directory: Path, *, stop: bool) -> tuple[SnapshotManifest, SaveTimings]:
         """Snapshot the VM's guest into ``directory`` (created; must not exist).
@@ -359,6 +360,12 @@ class QemuSnapshots:
         )
         return manifest, timings
 
+    async def close(self) -> None:
+        """Hang up the consoles still waiting for a guest's answer."""
+        for task in list(self._lingering):
+            task.cancel()
+        await asyncio.gather(*self._lingering, return_exceptions=True)
+
     @staticmethod
     async def _pass_fd(qmp: Any, fd: int) -> None:
         """Hand ``fd`` to QEMU under FD_NAME (SCM_RIGHTS, then ``getfd``)."""
@@ -421,14 +428,17 @@ class QemuSnapshots:
         *,
         identity: GuestIdentity | None,
         start: bool = True,
+        require_ack: bool = True,
         qcow2: frozenset[Path] = frozenset(),
     ) -> dict[str, Any]:
         """Start the VM's QEMU from the snapshot in ``directory``; returns its handle.
 
         ``spec`` is the VM to start (its own id, network, drives: the clone's
         overlays from :func:`clone_drives`, or a hibernated VM's own drives).
-        ``identity`` is written to the guest's console once its state is loaded.
-        With ``start=False`` the guest stays paused. On failure QEMU is gone.
+        ``identity`` is written to the guest's console once its state is loaded;
+        with ``require_ack`` (clones) the restore waits until the guest confirmed
+        it, else (a resume: clock and seed only) it does not wait. With
+        ``start=False`` the guest stays paused. On failure QEMU is gone.
         """
         manifest = await asyncio.to_thread(read_manifest, directory)
         check_compatible(manifest, spec)
@@ -459,7 +469,7 @@ class QemuSnapshots:
                 if start:
                     await qmp.execute("cont")
             else:
-                await self._identify(qmp, serial, identity, start)
+                await self._identify(qmp, serial, identity, start, require_ack)
         except BaseException:
             with contextlib.suppress(BackendError):
                 await self.backend.shutdown(spec.vm_id, force=True, timeout_s=QUIT_TIMEOUT_S)
@@ -473,38 +483,39 @@ class QemuSnapshots:
         )
         return handle
 
-    async def _identify(self, qmp: Any, serial: Path, identity: GuestIdentity, start: bool) -> None:
-        """Write the identity line to the guest's console and wait for its ack line.
+    async def _identify(
+        self, qmp: Any, serial: Path, identity: GuestIdentity, start: bool, require_ack: bool
+    ) -> None:
+        """Write the identity line to the guest's console; with ``require_ack`` wait for its ack.
 
-        The connection stays open until the ack: QEMU drops what it has not
-        yet fed to the 16-byte UART FIFO when the client hangs up. A guest
-        left paused (``start=False``) reads the line when it is continued.
+        The connection stays open until the ack (in the background when not
+        waited for): QEMU drops what it has not yet fed to the 16-byte UART
+        FIFO when the client hangs up. A guest left paused (``start=False``)
+        reads the line when it is continued.
         """
         ack = secrets.token_hex(6)
+        marker = f"METALD_GUEST_IDENTITY ack={ack}".encode()
         reader, writer = await asyncio.open_unix_connection(str(serial))
         try:
             writer.write(identity.line(ack=ack))
             await writer.drain()
-            if not start:
-                return
-            await qmp.execute("cont")
-            marker = f"METALD_GUEST_IDENTITY ack={ack}".encode()
-            seen = b""
-            async with asyncio.timeout(IDENTITY_TIMEOUT_S):
-                while marker not in seen:
-                    chunk = await reader.read(4096)
-                    if not chunk:
-                        raise BackendError("the guest console closed before the guest took its identity")
-                    seen = (seen + chunk)[-4096:]
+            if start:
+                await qmp.execute("cont")
+        except BaseException:
+            writer.close()
+            raise
+        if not (start and require_ack):
+            task = asyncio.get_running_loop().create_task(_linger(reader, writer, marker))
+            self._lingering.add(task)
+            task.add_done_callback(self._lingering.discard)
+            return
+        try:
+            await _await_ack(reader, writer, marker)
         except TimeoutError:
             raise BackendError(
                 f"the guest did not confirm its new identity within {IDENTITY_TIMEOUT_S:g}s"
                 " (is its init the bundled one?)"
             ) from None
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
 
     async def _wait_incoming(self, qmp: Any, spec: BootSpec) -> None:
         """Until the state is loaded (runstate leaves ``inmigrate``); QEMU exits if the stream is bad."""
@@ -523,6 +534,29 @@ class QemuSnapshots:
             if loop.time() > deadline:
                 raise BackendError(f"restoring {spec.vm_id} took longer than {MIGRATE_TIMEOUT_S:g}s")
             await asyncio.sleep(MIGRATE_POLL_S)
+
+
+async def _await_ack(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, marker: bytes) -> None:
+    """Read the console until ``marker`` (TimeoutError after IDENTITY_TIMEOUT_S); then hang up."""
+    seen = b""
+    try:
+        async with asyncio.timeout(IDENTITY_TIMEOUT_S):
+            while marker not in seen:
+                chunk = await reader.read(4096)
+                if not chunk:
+                    raise BackendError("the guest console closed before the guest took its identity")
+                seen = (seen + chunk)[-4096:]
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, marker: bytes) -> None:
+    try:
+        await _await_ack(reader, writer, marker)
+    except (TimeoutError, BackendError, OSError) as exc:
+        log.info("a restored guest did not confirm its identity line: %s", exc or "timeout")
 
 
 def clone_drives(directory: Path, manifest: SnapshotManifest, dest: Path) -> tuple[tuple[Drive, ...], frozenset[Path]]:
