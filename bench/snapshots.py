@@ -96,7 +96,8 @@ async def run(tmp: Path, runs: int, memory_vms: int, big_mib: int) -> dict[str, 
         snap_dir.mkdir(parents=True, exist_ok=True)
         tdir = snap_dir / "template"
         manifest, timings = await kit.snapshots.save(template.spec, tdir, stop=False)
-        out["snapshot_128"] = (timings.total_s, timings.stopped_s, manifest.state_bytes, manifest.disk_bytes)
+        out["snapshot_128"] = (timings.total_s, timings.stopped_s, manifest.memory_disk_bytes, manifest.state_bytes,
+                               manifest.disk_bytes)
 
         # 3. clones: overlays + restore + new identity, until HTTP answers with the clone's id
         clones: list[float] = []
@@ -142,7 +143,8 @@ async def run(tmp: Path, runs: int, memory_vms: int, big_mib: int) -> dict[str, 
             await kit.cold_boot(vm)
             await wait_http(vm.ip)
             manifest, timings = await kit.snapshots.save(vm.spec, snap_dir / "big", stop=False)
-            out["snapshot_big"] = (timings.total_s, timings.stopped_s, manifest.state_bytes, manifest.disk_bytes)
+            out["snapshot_big"] = (timings.total_s, timings.stopped_s, manifest.memory_disk_bytes,
+                                   manifest.state_bytes, manifest.disk_bytes)
             await kit.remove("big-0")
     finally:
         await kit.close()
@@ -174,15 +176,16 @@ def render(out: dict[str, object], runs: int, memory_vms: int, big_mib: int, loa
     ]
     for name, d in (("cold boot", cold), ("resume of a hibernated VM", resume), ("clone of a template", clone)):
         lines.append(f"| {name} | {d.n} | {d.median:.0f} | {d.p95:.0f} | {d.median / cold.median:.3f} |")
-    lines += ["", "| snapshot | guest stopped ms | total ms | state file MiB | disk copies MiB |"]
-    lines.append("|---|---|---|---|---|")
+    lines += ["", "| snapshot | guest stopped ms | total ms | memory file on disk MiB | device state KiB"
+              " | disk copies MiB |"]
+    lines.append("|---|---|---|---|---|---|")
     for key, label in (("snapshot_128", "128 MiB guest, kept running"), ("snapshot_big", f"{big_mib} MiB guest")):
         if key in out:
-            total, stopped, state, disks = out[key]  # type: ignore[misc]
+            total, stopped, memory, state, disks = out[key]  # type: ignore[misc]
             ms = f"{stopped * 1000:.0f} | {total * 1000:.0f}"
-            lines.append(f"| {label} | {ms} | {state / MIB:.1f} | {disks / MIB:.1f} |")
+            lines.append(f"| {label} | {ms} | {memory / MIB:.1f} | {state / 1024:.0f} | {disks / MIB:.1f} |")
     hib_ms = f"{hib.median:.0f} median, {hib.p95:.0f} p95"
-    lines.append(f"| hibernate (snapshot + QEMU quit), {hib.n} runs | | {hib_ms} | | |")
+    lines.append(f"| hibernate (snapshot + QEMU quit), {hib.n} runs | | {hib_ms} | | | |")
     crss, cpss = out["cold_memory"]  # type: ignore[misc]
     krss, kpss = out["clone_memory"]  # type: ignore[misc]
     lines += [

@@ -146,6 +146,9 @@ async def test_clones_take_their_own_identity(kit: Kit) -> None:
         info = http_get(clone.ip, "/info") or ""
         assert f"hostname={clone.spec.vm_id}" in info
         assert http_get(clone.ip, "/cgi-bin/counter") == "2"  # the template's memory, copied
+        console = clone.spec.console_log.read_text(errors="replace")
+        assert "METALD_GUEST_IDENTITY ack=" in console and "metald-agent:" not in console  # reseeded, no error
+        assert "seed=" not in console  # echo is off: the seed never reaches the log
     assert http_get(template.ip, "/", timeout=1) is None  # no clone answers on the template's IP
     assert http_get(a.ip, "/cgi-bin/random") != http_get(b.ip, "/cgi-bin/random")
     # the clones' disks are overlays: the snapshot's copy is their backing file
