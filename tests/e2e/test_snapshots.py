@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from metald.backends.qemu.snapshot import STATE_FILE, GuestIdentity
+from metald.backends.qemu.snapshot import STATE_FILE, GuestIdentity, overlay_argv_hook
 from metald.core.errors import FailedPrecondition, NotFound
 from metald.store.snapshots import SnapshotRepository
 from tests.support.snapkit import Kit, http_get, wait_http
@@ -155,3 +155,8 @@ async def test_clones_take_their_own_identity(kit: Kit) -> None:
     assert all(d.path.suffix == ".qcow2" for d in a.spec.drives)
     with pytest.raises(FailedPrecondition, match="clone-a"):
         repo.delete("tmpl")
+
+    # a clone's later cold boot runs on its own overlays, with its own identity from the kernel args
+    await kit.backend.shutdown(a.spec.vm_id, force=True, timeout_s=10)
+    await kit.backend.boot(a.spec, argv_hook=overlay_argv_hook(frozenset(d.path for d in a.spec.drives)))
+    await wait_http(a.ip, expect="clone-a")

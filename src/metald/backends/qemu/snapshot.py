@@ -408,9 +408,8 @@ class QemuSnapshots:
                 raise FailedPrecondition(
                     f"the snapshot was taken under {manifest.accel}, this host runs guests under {accel}"
                 )
+            out = with_qcow2_drives(out, qcow2)
             for i, arg in enumerate(out):
-                if i and out[i - 1] == "-drive" and any(f"file={opt_escape(p)}," in arg for p in qcow2):
-                    out[i] = arg.replace("format=raw", "format=qcow2")
                 if i and out[i - 1] == "-chardev" and arg.startswith("file,id=console0,"):
                     sock = opt_escape(spec.run_dir / SERIAL_SOCKET)
                     logfile = opt_escape(spec.console_log)
@@ -534,6 +533,24 @@ class QemuSnapshots:
             if loop.time() > deadline:
                 raise BackendError(f"restoring {spec.vm_id} took longer than {MIGRATE_TIMEOUT_S:g}s")
             await asyncio.sleep(MIGRATE_POLL_S)
+
+
+def with_qcow2_drives(argv: list[str], qcow2: frozenset[Path]) -> list[str]:
+    """``argv`` with the drives in ``qcow2`` (overlays metald made) opened as qcow2.
+
+    Never derive this from a path a caller gave: a qcow2 header names a
+    backing file, which QEMU would open as root before its chroot.
+    """
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if i and out[i - 1] == "-drive" and any(f"file={opt_escape(p)}," in arg for p in qcow2):
+            out[i] = arg.replace("format=raw", "format=qcow2")
+    return out
+
+
+def overlay_argv_hook(qcow2: frozenset[Path]) -> Callable[[list[str]], list[str]]:
+    """For ``QemuBackend.boot(spec, argv_hook=...)``: a cold boot of a clone (its overlays)."""
+    return lambda argv: with_qcow2_drives(argv, qcow2)
 
 
 async def _await_ack(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, marker: bytes) -> None:
