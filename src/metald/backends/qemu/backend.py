@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ EXIT_DRAIN_S = 1.0
 # Under TCG, QEMU's translation cache and buffers need memory beyond the guest's
 # and the configured VMM allowance; the jail's memory limit includes this.
 TCG_MEMORY_OVERHEAD = 256 << 20
+ArgvHook = Callable[[list[str]], list[str]]
 VERSION_RE = re.compile(r"version (\S+)")
 
 
@@ -146,7 +148,8 @@ class QemuBackend:
 
     # --- lifecycle -----------------------------------------------------------
 
-    async def boot(self, spec: BootSpec) -> dict[str, Any]:
+    async def boot(self, spec: BootSpec, argv_hook: ArgvHook | None = None) -> dict[str, Any]:
+        """Start the VM's QEMU; ``argv_hook`` edits its argv first (restores, see snapshot.py)."""
         old = self._vms.get(spec.vm_id)
         if old is not None and old.alive:
             raise BackendError(f"VM {spec.vm_id} already has a running QEMU (pid {old.handle.pid})")
@@ -162,6 +165,8 @@ class QemuBackend:
             sandbox=self.jailer is None,  # the jail adds its own -sandbox (see jailer/qemu.py)
         )
         argv = build_argv(spec, options)
+        if argv_hook is not None:
+            argv = argv_hook(argv)
         if self.jailer is not None:
             argv, command = await self._jailed(spec, argv, accel)
             argv = command[command.index("--") + 1 :]  # what QEMU's /proc cmdline will show
