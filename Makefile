@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 GEN := src/metald/gen
 PROTO := proto/metal/vmprovisioner/v1/vm.proto
+# standard gRPC services metald also serves (health checking, server reflection)
+STD_PROTOS := proto/grpc/health/v1/health.proto proto/grpc/reflection/v1/reflection.proto \
+	proto/grpc/reflection/v1alpha/reflection.proto
 IMAGE_DIR ?= $(CURDIR)/build/image
 DEBIAN_PACKAGES := qemu-system-x86 busybox-static nftables iptables iproute2 kmod cpio e2fsprogs curl jq gcc libc6-dev
 export UNKEY_METALD_IMAGE_DIR ?= $(IMAGE_DIR)
@@ -32,12 +35,15 @@ $(BIN)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 gen: $(GEN)/.stamp ## Generate protobuf and ConnectRPC code from the proto
-$(GEN)/.stamp: $(PROTO) $(BIN)/.installed
+$(GEN)/.stamp: $(PROTO) $(STD_PROTOS) $(BIN)/.installed
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN) --pyi_out=$(GEN) \
 	  --grpc_python_out=$(GEN) \
 	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
 	  --connectrpc_out=$(GEN) --connectrpc_opt=protobuf=google $(PROTO)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN) --pyi_out=$(GEN) \
+	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
+	  --connectrpc_out=$(GEN) --connectrpc_opt=protobuf=google $(STD_PROTOS)
 	find $(GEN) -type d -exec touch {}/__init__.py \;
 	sed -i 's/^from metal\.vmprovisioner\.v1 import/from metald.gen.metal.vmprovisioner.v1 import/' $(GEN)/metal/vmprovisioner/v1/vm_pb2_grpc.py
 	touch $@

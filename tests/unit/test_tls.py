@@ -184,6 +184,12 @@ def test_tenancy_by_certificate(server: RunningServer, pki: Pki) -> None:
     assert [v["vmId"] for v in connect(server, globex, "ListVms", {}).json()["vms"]] == ["g-1"]
     assert [v["vmId"] for v in connect(server, acme, "ListVms", {}).json()["vms"]] == ["a-1"]
     assert {v["vmId"] for v in connect(server, operator, "ListVms", {}).json()["vms"]} == {"a-1", "g-1"}
+    # under TLS the certificate decides: development tokens and the caller header are ignored
+    with httpx.Client(verify=globex, timeout=10) as http:
+        for headers in ({"authorization": "Bearer dev_user_acme"}, {"authorization": "junk"},
+                        {"x-metald-caller": OPERATOR}):
+            r = http.post(server.url + SVC + "ListVms", json={}, headers=headers)
+            assert [v["vmId"] for v in r.json()["vms"]] == ["g-1"], headers
 
 
 def _replace(path: Path, data: bytes) -> None:
