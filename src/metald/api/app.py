@@ -108,6 +108,7 @@ class MetaldApp:
                     return
         if scope["type"] != "http":
             return
+        scope.setdefault("root_path", "")  # optional in ASGI; connectrpc reads it
         path = scope.get("path", "")
         if path in ("/_/health", "/health"):
             if scope["method"] not in ("GET", "HEAD"):
