@@ -9,7 +9,8 @@ PROTO := proto/metal/vmprovisioner/v1/vm.proto
 STD_PROTOS := proto/grpc/health/v1/health.proto proto/grpc/reflection/v1/reflection.proto \
 	proto/grpc/reflection/v1alpha/reflection.proto
 IMAGE_DIR ?= $(CURDIR)/build/image
-DEBIAN_PACKAGES := qemu-system-x86 busybox-static nftables iptables iproute2 kmod cpio e2fsprogs curl jq gcc libc6-dev
+DEBIAN_PACKAGES := qemu-system-x86 busybox-static nftables iptables iproute2 kmod cpio e2fsprogs curl jq gcc libc6-dev \
+	nodejs
 export UNKEY_METALD_IMAGE_DIR ?= $(IMAGE_DIR)
 
 .PHONY: help deps venv gen dev image run demo test test-unit lint bench clean install uninstall \
@@ -24,6 +25,9 @@ deps: ## Install the Debian packages metald and its tests use
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $$missing >/dev/null; fi
+	@# npm (the interoperability tests install the Connect client for Node with it); some nodejs builds bundle it
+	@command -v npm >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq npm >/dev/null; }
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
