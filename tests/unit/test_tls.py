@@ -5,6 +5,7 @@ certificate, and certificate files reloaded without a restart."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import ssl
@@ -155,7 +156,9 @@ def test_handshake_fails_without_a_valid_client_certificate(server: RunningServe
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_identity_checks(server: RunningServer, pki: Pki) -> None:
+def test_identity_checks(server: RunningServer, pki: Pki, capfd: pytest.CaptureFixture[str],
+                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     cases = [
         (pki.ca.issue("spiffe://other.test/customer/acme"), "unauthenticated", grpc.StatusCode.UNAUTHENTICATED),
         (pki.ca.issue(), "unauthenticated", grpc.StatusCode.UNAUTHENTICATED),  # no SPIFFE ID at all
@@ -173,6 +176,11 @@ def test_identity_checks(server: RunningServer, pki: Pki) -> None:
     with httpx.Client(verify=pki.client(pki.ca.issue(f"{TD}/intruder")), timeout=10) as http:
         r = http.post(server.url + SVC + "ListVms", json={}, headers={"x-metald-caller": OPERATOR})
     assert r.json()["code"] == "permission_denied"
+    # each refusal is one warning line: no traceback, nothing at error level (issue: "refusals log tracebacks")
+    assert "Traceback" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    refused = [r for r in caplog.records if r.getMessage().startswith("refused: ")]
+    assert len(refused) == 9 and {r.levelno for r in refused} == {logging.WARNING}
 
 
 def test_tenancy_by_certificate(server: RunningServer, pki: Pki) -> None:
