@@ -205,3 +205,20 @@ def test_sigterm_after_broken_connections(tmp_path: Path) -> None:
         assert "Traceback" not in log, log[-3000:]
     finally:
         daemon.kill()
+
+
+@pytest.mark.parametrize("path", [SVC + "NoSuchMethod", "/no.such.v1.Service/Call"])
+def test_http1_early_404_without_epipe(server: RunningServer, path: str) -> None:
+    """An unknown method answered before its body was read: every client gets the 404, none EPIPE/reset."""
+    body = b"{" + b" " * (512 << 10) + b"}"
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+
+    def one() -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+            s.sendall(head + body)
+            return s.recv(64)
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda _: one(), range(20)))
+    assert all(a.startswith(b"HTTP/1.1 404") for a in answers), answers

@@ -114,8 +114,8 @@ class MetaldApp:
             if scope["method"] not in ("GET", "HEAD"):
                 await _send_json(send, 405, {"error": "use GET"})
                 return
-            status, body = await self.health.report()
-            await _send_json(send, status, body)
+            status, report = await self.health.report()
+            await _send_json(send, status, report)
             return
         body = _BodyTracker(receive)
         try:
