@@ -49,7 +49,18 @@ SUITE = [
     ("api", "bench.api", ["create", "churn", "reads", "rss", "reconcile"], 1200),
     ("boot", "bench.boot", ["boot"], 900),
     ("jail", "bench.jail", ["jail"], 600),
+    ("connections", "bench.connections", ["connections"], 900),
+    ("e2e", "bench.e2e_network", ["e2e_network"], 1800),
 ]
+
+TRANSPORT = """\
+**The API server, hypercorn 0.18 → h2corn 2.0** (docs/api.md, "Transport"). Figure 4's GetVmInfo rows,
+measured with each server by the same `tests/isolated.sh .venv/bin/python -m bench.api` (1000 VMs, 200
+clients; open loop at 500 req/s; closed loop = saturation), runs alternated minutes apart on this shared
+machine; the load average (1 min) at the start of each run shows how busy the 2 cores were:
+
+TRANSPORT_TABLE
+"""
 
 FIXES = """\
 Performance changes made while building these figures (each measured here on
@@ -204,7 +215,7 @@ def render(info: dict[str, Any], runs: list[dict[str, Any]], started: float, qui
         "",
     ]
     figures = {k: load_figure(k) for k in ("network", "create", "churn", "reads", "rss", "reconcile", "adoption",
-                                            "boot", "jail", "profile")}
+                                            "boot", "jail", "connections", "e2e_network", "profile")}
     targets = []
     for key, fig in figures.items():
         for t in (fig or {}).get("targets", []):
@@ -216,7 +227,8 @@ def render(info: dict[str, Any], runs: list[dict[str, Any]], started: float, qui
         out += ["Runs that failed (their log tail is at the end):", ""]
         out += [f"- {r['key']}: exit {r['rc']}" for r in failed]
         out.append("")
-    for key in ("network", "create", "churn", "reads", "rss", "reconcile", "boot", "jail"):
+    for key in ("network", "create", "churn", "reads", "rss", "reconcile", "boot", "jail", "connections",
+                "e2e_network"):
         fig = figures[key]
         if fig is None:
             continue
@@ -228,6 +240,8 @@ def render(info: dict[str, Any], runs: list[dict[str, Any]], started: float, qui
         out.append("")
         if key == "network":
             out += _network_text(fig)
+        if key == "reads":
+            out += [TRANSPORT, ""]
     out += ["## Adoption / reconcile at start (bench/adoption.py)", ""]
     adoption = next((r for r in runs if r["key"] == "adoption"), None)
     if adoption is None:

@@ -29,12 +29,17 @@ def node_clients() -> Path:
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.fail("node and npm are needed (make deps installs them)")
     WORK.mkdir(parents=True, exist_ok=True)
-    manifest = (SOURCE / "package.json").read_bytes()
+    manifest = (SOURCE / "package.json").read_bytes() + (SOURCE / "package-lock.json").read_bytes()
     stamp = WORK / ".installed"
     if not stamp.exists() or stamp.read_bytes() != manifest:
-        shutil.copy(SOURCE / "package.json", WORK / "package.json")
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=WORK, check=True,
-                       timeout=600)
+        for name in ("package.json", "package-lock.json"):
+            shutil.copy(SOURCE / name, WORK / name)
+        command = ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"]
+        if os.environ.get("METALD_ISOLATED") == "1":
+            # the registry is reached from the host's network namespace (see tests/isolated.sh); only this
+            # command runs there, the clients themselves talk to loopback inside the private namespace
+            command = ["nsenter", "--net=/run/metald/host-netns", *command]
+        subprocess.run(command, cwd=WORK, check=True, timeout=600)
         stamp.write_bytes(manifest)
     for name in ("buf.gen.yaml", "client.mjs"):
         shutil.copy(SOURCE / name, WORK / name)
