@@ -12,6 +12,7 @@ and a plateau after.
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
 import shutil
 import tempfile
@@ -55,19 +56,32 @@ async def one_round(port: int, count: int, opening: int) -> tuple[list[Connectio
     return conns, errors
 
 
+async def peak_fds(pid: int, stop: asyncio.Event) -> int:
+    """The most file descriptors the daemon held at once until stop is set (sampled every 0.5 s)."""
+    peak = 0
+    while not stop.is_set():
+        peak = max(peak, len(os.listdir(f"/proc/{pid}/fd")))
+        await asyncio.sleep(0.5)
+    return peak
+
+
 async def run(daemon: object, count: int, opening: int, rounds: int, settle: float, fig: Figure) -> None:
     pid = daemon.proc.pid  # type: ignore[attr-defined]
     port = daemon.port  # type: ignore[attr-defined]
     await asyncio.sleep(settle)
-    fig.rows.append(["0", "-", "-", f"{rss_kib(pid)[0] / 1024:.0f}", "before any", "-"])
+    fig.rows.append(["0", "-", "-", "-", f"{rss_kib(pid)[0] / 1024:.0f}", "before any", "-"])
     for r in range(1, rounds + 1):
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(peak_fds(pid, stop))
         conns, errors = await one_round(port, count, opening)
         held = rss_kib(pid)[0] / 1024
+        stop.set()
+        fds = await sampler
         for conn in conns:
             await conn.close()
         await asyncio.sleep(settle)
         rss, hwm = rss_kib(pid)
-        fig.rows.append([str(r), str(len(conns)), str(errors), f"{rss / 1024:.0f}",
+        fig.rows.append([str(r), str(len(conns)), str(fds), str(errors), f"{rss / 1024:.0f}",
                          f"{held:.0f} with all open; peak {hwm / 1024:.0f}", f"{settle:.0f}"])
 
 
@@ -82,8 +96,8 @@ def main() -> None:
     cmd = command_line("METALD_BENCH_CONNS", "METALD_BENCH_CONN_OPENING", "METALD_BENCH_CONN_ROUNDS",
                        "METALD_BENCH_CONN_SETTLE")
     fig = Figure("connections", "8. Daemon RSS around rounds of many concurrent connections", cmd,
-                 ["round", "connections held at once", "errors", "RSS MiB after they closed", "RSS MiB during",
-                  "settle s"])
+                 ["round", "connections made (one ListVms each)", "daemon's peak open fds", "errors",
+                  "RSS MiB after they closed", "RSS MiB at the end of the round", "settle s"])
     load = list(load_average())
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="metald-bench-conns-"))

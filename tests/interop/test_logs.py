@@ -62,7 +62,7 @@ def test_refusals_and_shutdown_log_clean_lines(tmp_path: Path) -> None:
             s.close()
         text = daemon.log.read_text()
         assert "Traceback" not in text, text[-4000:]
-        records = daemon.log_records()
+        records = daemon.all_log_records()
         errors = [r for r in records if str(r.get("level", "")).lower() in ("error", "critical")]
         assert errors == [], errors
         messages = [str(r.get("message", r.get("msg", ""))) for r in records]
