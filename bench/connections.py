@@ -95,7 +95,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, count + 1000), max(hard, count + 1000)))
     cmd = command_line("METALD_BENCH_CONNS", "METALD_BENCH_CONN_OPENING", "METALD_BENCH_CONN_ROUNDS",
                        "METALD_BENCH_CONN_SETTLE")
-    fig = Figure("connections", "8. Daemon RSS around rounds of many concurrent connections", cmd,
+    fig = Figure("connections", "9. Daemon RSS around rounds of many concurrent connections", cmd,
                  ["round", "connections made (one ListVms each)", "daemon's peak open fds", "errors",
                   "RSS MiB after they closed", "RSS MiB at the end of the round", "settle s"])
     load = list(load_average())

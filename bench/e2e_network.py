@@ -1,4 +1,4 @@
-"""Figure 9: a VM's network end to end through the API against the guide's recipe.
+"""Figure 10: a VM's network end to end through the API against the guide's recipe.
 
 A plain HTTP client (bench.client: Connect, binary, one keep-alive connection)
 makes CreateVm + DeleteVm (no boot) on a real ``metald serve`` (network and
@@ -120,7 +120,7 @@ def main() -> None:
     levels = env_ints("METALD_BENCH_E2E_LEVELS", [0, 1000])
     samples = env_int("METALD_BENCH_E2E_SAMPLES", 20)
     cmd = command_line("METALD_BENCH_E2E_LEVELS", "METALD_BENCH_E2E_SAMPLES")
-    fig = Figure("e2e_network", "9. A VM's network end to end through the API (CreateVm + DeleteVm, no boot) "
+    fig = Figure("e2e_network", "10. A VM's network end to end through the API (CreateVm + DeleteVm, no boot) "
                  "against the guide's recipe", cmd,
                  ["VMs of each present", "metald CreateVm+DeleteVm ms (median / p95 / p99)",
                   "recipe up+down ms", "recipe / metald (medians)", "samples"])
