@@ -93,7 +93,8 @@ async def main_async(levels: list[int], samples: int, fig: Figure) -> None:
         recipe_host_setup()
         tmp = Path(tempfile.mkdtemp(prefix="metald-bench-e2e-"))
         daemon = start_daemon(tmp, UNKEY_METALD_NETWORK_BRIDGE="br-md",
-                              UNKEY_METALD_NETWORK_BRIDGE_IPV4="10.200.0.1/16")
+                              UNKEY_METALD_NETWORK_BRIDGE_IPV4="10.200.0.1/16",
+                              UNKEY_METALD_NETWORK_VM_SUBNET_IPV4="10.200.0.0/16")
         try:
             ours, theirs = await level(daemon.port, n, samples, str(n))
         finally:
