@@ -5,8 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 GEN := src/metald/gen
 PROTO := $(wildcard proto/metal/vmprovisioner/v1/*.proto)
+# standard gRPC services metald also serves (health checking, server reflection)
+STD_PROTOS := proto/grpc/health/v1/health.proto proto/grpc/reflection/v1/reflection.proto \
+	proto/grpc/reflection/v1alpha/reflection.proto
 IMAGE_DIR ?= $(CURDIR)/build/image
-DEBIAN_PACKAGES := qemu-system-x86 qemu-utils busybox-static nftables iptables iproute2 kmod cpio e2fsprogs curl jq gcc libc6-dev
+DEBIAN_PACKAGES := qemu-system-x86 qemu-utils busybox-static nftables iptables iproute2 kmod cpio e2fsprogs curl jq gcc \
+	libc6-dev nodejs
 export UNKEY_METALD_IMAGE_DIR ?= $(IMAGE_DIR)
 
 .PHONY: help deps venv gen dev image run demo test test-unit lint bench clean install uninstall \
@@ -21,6 +25,9 @@ deps: ## Install the Debian packages metald and its tests use
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $$missing >/dev/null; fi
+	@# npm (the interoperability tests install the Connect client for Node with it); some nodejs builds bundle it
+	@command -v npm >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq npm >/dev/null; }
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,12 +39,15 @@ $(BIN)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 gen: $(GEN)/.stamp ## Generate protobuf and ConnectRPC code from the proto
-$(GEN)/.stamp: $(PROTO) $(BIN)/.installed
+$(GEN)/.stamp: $(PROTO) $(STD_PROTOS) $(BIN)/.installed
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN) --pyi_out=$(GEN) \
 	  --grpc_python_out=$(GEN) \
 	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
 	  --connectrpc_out=$(GEN) --connectrpc_opt=protobuf=google $(PROTO)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN) --pyi_out=$(GEN) \
+	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
+	  --connectrpc_out=$(GEN) --connectrpc_opt=protobuf=google $(STD_PROTOS)
 	find $(GEN) -type d -exec touch {}/__init__.py \;
 	sed -i 's/^from metal\.vmprovisioner\.v1 import/from metald.gen.metal.vmprovisioner.v1 import/' $(GEN)/metal/vmprovisioner/v1/*_pb2*.py
 	touch $@

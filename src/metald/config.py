@@ -190,8 +190,9 @@ class Settings(BaseSettings):
     )
     dev_caller_header: bool = Field(
         True,
-        description="With TLS disabled, take the caller identity from the X-Metald-Caller header; "
-        "requests without it act as the local operator",
+        description="With TLS disabled, take the caller identity from the X-Metald-Caller header "
+        "(Authorization: Bearer dev_user_<id> is honoured either way); requests without either act as the "
+        "local operator",
     )
 
     @field_validator("network_bridge_ipv4")

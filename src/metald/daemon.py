@@ -10,11 +10,9 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hypercorn.asyncio import serve
-from hypercorn.config import Config as HypercornConfig
-
 from metald.api.app import MetaldApp
 from metald.api.health import Health
+from metald.api.server import ApiServer, ServerOptions
 from metald.api.service import VmServiceImpl
 from metald.api.tls import ServerTls, open_tls
 from metald.backends.factory import make_backend
@@ -112,17 +110,12 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
 
-    config = tls.hypercorn_config() if tls is not None else HypercornConfig()
-    host = f"[{address}]" if ":" in address else address
-    config.bind = [f"{host}:{settings.port}"]
-    config.graceful_timeout = settings.shutdown_grace_seconds
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
+    options = ServerOptions(address, settings.port, settings.shutdown_grace_seconds)
     app = daemon.tracing.wrap(daemon.app) if daemon.tracing else daemon.app
     try:
         if daemon.metrics is not None:
             await daemon.metrics.start()
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await ApiServer(app, options, tls).serve(stop.wait())
     finally:
         log.info("stopping: VMs keep running")
         if daemon.metrics is not None:

@@ -1,4 +1,4 @@
-"""Run the real ASGI app over HTTP (hypercorn, HTTP/1.1 + h2c) in a thread."""
+"""Run the real ASGI app over HTTP (metald's server: HTTP/1.1 + h2c, or mTLS) in a thread."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
-
 from metald.api.app import MetaldApp
 from metald.api.health import Health
+from metald.api.server import ApiServer, ServerOptions
 from metald.api.service import VmServiceImpl
 from metald.api.tls import open_tls
 from metald.config import Settings
@@ -101,12 +99,9 @@ def serve_in_thread(
             settings.max_request_bytes,
             peer_identity=server_tls.peer_identity if server_tls is not None else None,
         )
-        config = server_tls.hypercorn_config() if server_tls is not None else Config()
-        config.bind = [f"127.0.0.1:{port}"]
-        config.accesslog = None
-        config.graceful_timeout = 1
         served = wrap_app(app) if wrap_app is not None else app
-        task = asyncio.ensure_future(serve(served, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+        api = ApiServer(served, ServerOptions("127.0.0.1", port, grace_seconds=1), server_tls)
+        task = asyncio.ensure_future(api.serve(stop.wait()))
         for _ in range(200):
             try:
                 _, w = await asyncio.open_connection("127.0.0.1", port)

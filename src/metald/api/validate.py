@@ -69,7 +69,7 @@ def new_vm_id(value: str) -> str:
 def customer_id(value: str) -> str:
     if not value:
         return ""
-    if not CUSTOMER_ID_RE.match(value):
+    if not CUSTOMER_ID_RE.match(value) or value in (".", ".."):
         raise InvalidArgument(
             "customer_id", "must be 1-128 characters of letters, digits and ._:@/+=-"
         )
@@ -200,6 +200,8 @@ def metadata(values: dict[str, str] | object, field: str) -> tuple[tuple[str, st
             raise InvalidArgument(f"{field}.{key[:32]}", "key must be 1-128 printable characters")
         if len(value) > MAX_METADATA_VALUE:
             raise InvalidArgument(f"{field}.{key}", f"value longer than {MAX_METADATA_VALUE}")
+        if "\x00" in value:  # SQLite, logs and the guest's command line would cut the value there
+            raise InvalidArgument(f"{field}.{key}", "value must not contain NUL characters")
     return tuple(sorted(items.items()))
 
 

@@ -177,7 +177,10 @@ class VmEngine(ReconcileMixin):
                     self._observe(name, outcome, started, exc)
                     if isinstance(exc, MetaldError | Exception) and self.store.get_vm(vm_id):
                         self.store.add_event(vm_id, name, outcome, str(exc)[:1000])
-                    log.warning("operation failed: %s", exc)
+                    if isinstance(exc, asyncio.CancelledError):  # client gone or its deadline passed
+                        log.info("operation cancelled: the caller went away or its deadline passed")
+                    else:
+                        log.warning("operation failed: %s", str(exc) or type(exc).__name__)
                     raise
                 self._observe(name, "ok", started, None)
                 log.info("operation done", extra={"seconds": round(time.monotonic() - started, 4)})
