@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 GEN := src/metald/gen
-PROTO := proto/metal/vmprovisioner/v1/vm.proto
+PROTO := $(sort $(wildcard proto/metal/vmprovisioner/v1/*.proto))
 IMAGE_DIR ?= $(CURDIR)/build/image
 DEBIAN_PACKAGES := qemu-system-x86 busybox-static nftables iptables iproute2 kmod cpio e2fsprogs curl jq gcc libc6-dev
 export UNKEY_METALD_IMAGE_DIR ?= $(IMAGE_DIR)
@@ -31,7 +31,7 @@ $(BIN)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-gen: $(GEN)/.stamp ## Generate protobuf and ConnectRPC code from the proto
+gen: $(GEN)/.stamp ## Generate protobuf and ConnectRPC code from every .proto in proto/metal/vmprovisioner/v1
 $(GEN)/.stamp: $(PROTO) $(BIN)/.installed
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN) --pyi_out=$(GEN) \
@@ -39,7 +39,7 @@ $(GEN)/.stamp: $(PROTO) $(BIN)/.installed
 	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
 	  --connectrpc_out=$(GEN) --connectrpc_opt=protobuf=google $(PROTO)
 	find $(GEN) -type d -exec touch {}/__init__.py \;
-	sed -i 's/^from metal\.vmprovisioner\.v1 import/from metald.gen.metal.vmprovisioner.v1 import/' $(GEN)/metal/vmprovisioner/v1/vm_pb2_grpc.py
+	sed -i 's/^from metal\.vmprovisioner\.v1 import/from metald.gen.metal.vmprovisioner.v1 import/' $(GEN)/metal/vmprovisioner/v1/*.py $(GEN)/metal/vmprovisioner/v1/*.pyi
 	touch $@
 
 dev: deps venv gen ## Everything needed to run metald from this checkout
