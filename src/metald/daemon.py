@@ -14,6 +14,7 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
 from metald.api.app import MetaldApp
+from metald.api.events import EventServiceImpl, StreamingApp
 from metald.api.health import Health
 from metald.api.service import VmServiceImpl
 from metald.api.tls import ServerTls, open_tls
@@ -23,6 +24,7 @@ from metald.core.engine import VmEngine
 from metald.core.ports import Network
 from metald.limits import raise_nofile_limit
 from metald.store.sqlite import Store
+from metald.streams.hub import EventHub
 
 if TYPE_CHECKING:
     from metald.observability.metrics import Metrics
@@ -39,6 +41,7 @@ class Daemon:
     store: Store
     engine: VmEngine
     app: MetaldApp
+    hub: EventHub
     metrics: Metrics | None = None  # set when UNKEY_METALD_OTEL_ENABLED
     tracing: Tracing | None = None
 
@@ -90,8 +93,12 @@ async def build(settings: Settings, tls: ServerTls | None = None) -> Daemon:
         checks["network"] = network.check
     health = Health(checks, backend.name)
     peer_identity = tls.peer_identity if tls is not None else None  # with TLS: the client certificate's SPIFFE ID
-    app = MetaldApp(VmServiceImpl(engine, settings), health, settings.max_request_bytes, peer_identity=peer_identity)
-    return Daemon(settings, store, engine, app, metrics, tracing)
+    hub = EventHub(store, settings)
+    events = StreamingApp(EventServiceImpl(hub, settings), settings.max_request_bytes)
+    app = MetaldApp(
+        VmServiceImpl(engine, settings), health, settings.max_request_bytes, peer_identity=peer_identity, events=events
+    )
+    return Daemon(settings, store, engine, app, hub, metrics, tracing)
 
 
 async def run(settings: Settings) -> None:
@@ -100,6 +107,7 @@ async def run(settings: Settings) -> None:
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     tls = await open_tls(settings)  # TlsError: refuse to start, never plaintext instead
     daemon = await build(settings, tls)
+    await daemon.hub.start()  # before reconcile: its events reach followers who connect early
     with daemon.tracing.span("metald.reconcile") if daemon.tracing else contextlib.nullcontext():
         report = await daemon.engine.start()
     if daemon.metrics is not None:
@@ -112,6 +120,10 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
 
+    async def stopping() -> None:
+        await stop.wait()
+        await daemon.hub.close()  # end the open streams, or the server's graceful stop waits for them
+
     config = tls.hypercorn_config() if tls is not None else HypercornConfig()
     host = f"[{address}]" if ":" in address else address
     config.bind = [f"{host}:{settings.port}"]
@@ -122,8 +134,9 @@ async def run(settings: Settings) -> None:
     try:
         if daemon.metrics is not None:
             await daemon.metrics.start()
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await serve(app, config, shutdown_trigger=stopping)  # type: ignore[arg-type]
     finally:
+        await daemon.hub.close()
         log.info("stopping: VMs keep running")
         if daemon.metrics is not None:
             await daemon.metrics.stop()

@@ -1,5 +1,6 @@
 """The ASGI application: health routes, a request-size cap, then ConnectRPC
-(Connect JSON/binary and gRPC) for VmService."""
+(Connect JSON/binary and gRPC) for VmService and, under its own path, the
+streaming EventService (api/events.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from metald.api.service import VmServiceImpl
 from metald.gen.metal.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 
 Scope = dict[str, Any]
+EVENTS_PREFIX = "/metal.vmprovisioner.v1.EventService/"
 
 
 async def _send_json(send: Any, status: int, body: dict[str, Any]) -> None:
@@ -67,8 +69,10 @@ class MetaldApp:
         max_request_bytes: int,
         authorizer: Authorizer | None = None,
         peer_identity: PeerIdentity | None = None,
+        events: Any = None,
     ) -> None:
         self.connect = VmServiceASGIApplication(service, read_max_bytes=max_request_bytes)
+        self.events = events  # the EventService ASGI app, served under EVENTS_PREFIX
         self.health = health
         self.max_request_bytes = max_request_bytes
         self.authorizer = authorizer or Authorizer(service.settings)
@@ -104,7 +108,8 @@ class MetaldApp:
         token = caller_var.set(caller)
         body = _BodyTracker(receive)
         try:
-            await self.connect(scope, body.receive, send)
+            target = self.events if self.events is not None and path.startswith(EVENTS_PREFIX) else self.connect
+            await target(scope, body.receive, send)
         finally:
             caller_var.reset(token)
         await body.drain(DRAIN_FACTOR * self.max_request_bytes)
