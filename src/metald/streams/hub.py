@@ -24,7 +24,7 @@ from metald.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 
-READ_BATCH = 1000
+READ_BATCH = 256  # events fanned out before the loop lets the streams send them
 PRUNE_INTERVAL_S = 60.0
 PRUNE_BATCH = 5000
 
@@ -107,31 +107,30 @@ class EventHub:
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)
 
-    def pump(self) -> None:
-        """Fan out every committed event not yet fanned out."""
-        while True:
-            batch = self.store.events_after(self.last, 1 << 62, Filter(), READ_BATCH)
-            if not batch:
-                return
-            for event in batch:
-                for sub in list(self._subs):
-                    if not sub._offer(event):
-                        self._subs.discard(sub)
-                        self.dropped += 1
-                        log.warning(
-                            "event stream subscriber fell %d events behind: cut off", sub.limit
-                        )
-            self.last = batch[-1].sequence
-            for sub in self._subs:
-                sub.position = self.last
-                sub.changed.set()
+    def pump(self) -> bool:
+        """Fan out the next batch of committed events; False when there were none."""
+        batch = self.store.events_after(self.last, 1 << 62, Filter(), READ_BATCH)
+        if not batch:
+            return False
+        for event in batch:
+            for sub in list(self._subs):
+                if not sub._offer(event):
+                    self._subs.discard(sub)
+                    self.dropped += 1
+                    log.warning("event stream subscriber fell %d events behind: cut off", sub.limit)
+        self.last = batch[-1].sequence
+        for sub in self._subs:
+            sub.position = self.last
+            sub.changed.set()
+        return True
 
     async def _fan_out(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             try:
-                self.pump()
+                while self.pump():
+                    await asyncio.sleep(0)  # the streams send their share before the next batch
             except Exception:
                 log.exception("event fan-out failed")
                 await asyncio.sleep(1)
