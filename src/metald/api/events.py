@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
 from connectrpc.code import Code
+from connectrpc.codec import Codec
+from connectrpc.compat import google_protobuf_codecs
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
@@ -31,6 +34,7 @@ from metald.streams.watch import Beat, OutOfRange, WatchRequest, watch
 
 log = logging.getLogger(__name__)
 
+SHARED_MESSAGES = 4096  # recent events whose message (and its encodings) all streams share
 MAX_TAIL_EVENTS = 100_000
 MAX_TAIL_BYTES = 16 << 20
 _STATES = frozenset(v.number for v in pb.VmState.DESCRIPTOR.values)
@@ -87,10 +91,55 @@ def watch_request(request: epb.WatchEventsRequest) -> WatchRequest:
     return WatchRequest(flt, after, request.tail, request.follow)
 
 
+class _Recent(OrderedDict[Any, Any]):
+    """A small LRU map."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+class SharedEncoding:
+    """A codec that encodes a message object once, however many streams send it:
+    every follower of an event is handed the same message (EventServiceImpl),
+    so with 100 followers an event is encoded once per codec, not 100 times."""
+
+    def __init__(self, inner: Codec[Any, Any]) -> None:
+        self.inner = inner
+        self._encoded = _Recent(SHARED_MESSAGES)  # id(message) -> (message, bytes): the message kept alive
+
+    def name(self) -> str:
+        return self.inner.name()
+
+    def encode(self, message: Any) -> bytes:
+        found = self._encoded.get(id(message))
+        if found is not None and found[0] is message:
+            return found[1]  # type: ignore[no-any-return]
+        data = self.inner.encode(message)
+        self._encoded.put(id(message), (message, data))
+        return data
+
+    def decode(self, data: bytes | bytearray, message_class: type[Any]) -> Any:
+        return self.inner.decode(data, message_class)
+
+
 class EventServiceImpl:
     def __init__(self, hub: EventHub, settings: Settings) -> None:
         self.hub = hub
         self.settings = settings
+        self._messages = _Recent(SHARED_MESSAGES)  # sequence -> WatchEventsResponse
+
+    def _message(self, event: EventRecord) -> epb.WatchEventsResponse:
+        message = self._messages.get(event.sequence)
+        if message is None:
+            message = epb.WatchEventsResponse(event=event_message(event))
+            self._messages.put(event.sequence, message)
+        return message  # type: ignore[no-any-return]
 
     async def watch_events(
         self, request: epb.WatchEventsRequest, ctx: RequestContext[Any, Any]
@@ -101,7 +150,7 @@ class EventServiceImpl:
                 if isinstance(item, Beat):
                     yield epb.WatchEventsResponse(heartbeat=heartbeat(item))
                 else:
-                    yield epb.WatchEventsResponse(event=event_message(item))
+                    yield self._message(item)
         except MetaldError as exc:
             raise _rpc_error(exc) from None
 
@@ -152,7 +201,8 @@ class StreamingApp:
     more than that buffer, and nothing else waits for it."""
 
     def __init__(self, impl: EventServiceImpl, max_request_bytes: int) -> None:
-        self.app = EventServiceASGIApplication(impl, read_max_bytes=max_request_bytes)
+        codecs = [SharedEncoding(c) for c in google_protobuf_codecs()]
+        self.app = EventServiceASGIApplication(impl, read_max_bytes=max_request_bytes, codecs=codecs)
         self.timeout = impl.settings.stream_send_timeout_seconds
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
