@@ -25,6 +25,7 @@ from metald.core.ports import Network
 from metald.limits import raise_nofile_limit
 from metald.store.sqlite import Store
 from metald.streams.hub import EventHub
+from metald.streams.workload import WorkloadWatcher
 
 if TYPE_CHECKING:
     from metald.observability.metrics import Metrics
@@ -113,6 +114,8 @@ async def run(settings: Settings) -> None:
     if daemon.metrics is not None:
         daemon.metrics.record_reconcile(report)
     log.info("metald ready", extra={"port": settings.port, "adopted": len(report.adopted)})
+    workload = WorkloadWatcher(daemon.store, settings)  # METALD_WORKLOAD_EXIT lines on consoles
+    workload.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -136,6 +139,7 @@ async def run(settings: Settings) -> None:
             await daemon.metrics.start()
         await serve(app, config, shutdown_trigger=stopping)  # type: ignore[arg-type]
     finally:
+        await workload.close()
         await daemon.hub.close()
         log.info("stopping: VMs keep running")
         if daemon.metrics is not None:

@@ -6,7 +6,7 @@ The VMM appends the guest's console output to ``<run_dir>/<vm_id>/console.log``
 offsets count every byte the console ever wrote to the file, and a cut file
 starts with one header line saying at which offset its remaining bytes begin::
 
-    [metald: console output before offset 1048231 dropped]\\n
+    [metald: older console output dropped before offset 1048231]\\n
 
 Without the header the file starts at offset 0. Cutting and reading take the
 same (in-process) lock, so a reader never sees a half-rewritten file. A file
@@ -22,14 +22,15 @@ import threading
 from pathlib import Path
 
 HEADER_MAX = 96
-_HEADER = re.compile(rb"\A\[metald: console output before offset (\d{1,20}) dropped\]\n")
+HEADER_PREFIX = b"[metald: older console output dropped"
+_HEADER = re.compile(rb"\A\[metald: older console output dropped before offset (\d{1,20})\]\n")
 
 # Held while a log is cut or read: the cut rewrites the file in place.
 LOCK = threading.Lock()
 
 
 def header(base: int) -> bytes:
-    return b"[metald: console output before offset %d dropped]\n" % base
+    return HEADER_PREFIX + b" before offset %d]\n" % base
 
 
 def parse_header(head: bytes) -> tuple[int, int]:

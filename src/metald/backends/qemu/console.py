@@ -12,6 +12,8 @@ from pathlib import Path
 
 from metald.core import consolelog
 
+TRUNCATED_MARK = consolelog.HEADER_PREFIX  # how a cut log starts (then " before offset N]")
+
 
 def cap_log(path: Path, max_bytes: int) -> bool:
     """If ``path`` is over ``max_bytes``, keep only its newest half. True if cut."""
