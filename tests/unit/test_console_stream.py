@@ -72,17 +72,19 @@ def test_stream_console(tmp_path: Path) -> None:
         def follow() -> None:
             try:
                 for m in connect_stream(srv.url, "StreamConsole",
-                                        {"vmId": "con-1", "tailBytes": 0, "follow": True}, "alice"):
+                                        {"vmId": "con-1", "offset": "1100", "follow": True}, "alice"):
                     received.extend(chunks([m]))
             except StreamEnded as exc:
                 ended.append(exc)
 
         t = threading.Thread(target=follow, daemon=True)
         t.start()
+        with open(log, "ab") as f:  # while (or before) the stream opens: it starts at 1100 either way
+            f.write(lines(100, 1000))
         time.sleep(0.5)
         with open(log, "ab") as f:
-            f.write(lines(100, 2000))
-        deadline = time.monotonic() + 30
+            f.write(lines(1100, 1000))
+        deadline = time.monotonic() + 120
         while sum(len(d) for _, d in received) < 22000 and time.monotonic() < deadline:
             time.sleep(0.05)
         data = b"".join(d for _, d in received)
