@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 GEN := src/metald/gen
-PROTO := $(wildcard proto/metal/vmprovisioner/v1/*.proto)
+PROTO := $(sort $(wildcard proto/metal/vmprovisioner/v1/*.proto))
 # standard gRPC services metald also serves (health checking, server reflection)
 STD_PROTOS := proto/grpc/health/v1/health.proto proto/grpc/reflection/v1/reflection.proto \
 	proto/grpc/reflection/v1alpha/reflection.proto
@@ -38,7 +38,7 @@ $(BIN)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-gen: $(GEN)/.stamp ## Generate protobuf and ConnectRPC code from the proto
+gen: $(GEN)/.stamp ## Generate protobuf and ConnectRPC code from every .proto in proto/metal/vmprovisioner/v1
 $(GEN)/.stamp: $(PROTO) $(STD_PROTOS) $(BIN)/.installed
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN) --pyi_out=$(GEN) \
@@ -49,7 +49,7 @@ $(GEN)/.stamp: $(PROTO) $(STD_PROTOS) $(BIN)/.installed
 	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
 	  --connectrpc_out=$(GEN) --connectrpc_opt=protobuf=google $(STD_PROTOS)
 	find $(GEN) -type d -exec touch {}/__init__.py \;
-	sed -i 's/^from metal\.vmprovisioner\.v1 import/from metald.gen.metal.vmprovisioner.v1 import/' $(GEN)/metal/vmprovisioner/v1/*_pb2*.py
+	sed -i 's/^from metal\.vmprovisioner\.v1 import/from metald.gen.metal.vmprovisioner.v1 import/' $(GEN)/metal/vmprovisioner/v1/*.py $(GEN)/metal/vmprovisioner/v1/*.pyi
 	touch $@
 
 dev: deps venv gen ## Everything needed to run metald from this checkout

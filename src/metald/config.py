@@ -108,6 +108,30 @@ class Settings(BaseSettings):
         False, description="Let VMs reach metald's own ports on the host"
     )
 
+    # --- Event and console streams (EventService) ------------------------------
+    events_retention_count: int = Field(
+        100_000, ge=100, le=100_000_000, description="Events kept in the log; older ones are pruned"
+    )
+    events_retention_seconds: int = Field(
+        7 * 86400, ge=60, description="Events older than this are pruned (whichever limit is hit first)"
+    )
+    events_subscriber_buffer: int = Field(
+        1024,
+        ge=16,
+        le=1 << 20,
+        description="Events queued per stream subscriber; one that falls further behind is cut off "
+        "(resource_exhausted) and resumes from its last sequence",
+    )
+    stream_heartbeat_seconds: float = Field(
+        15.0, gt=0, le=3600, description="An idle event or console stream gets a heartbeat this often"
+    )
+    stream_send_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A stream whose client has not taken a message for this long is closed",
+    )
+
     # --- Jailer --------------------------------------------------------------
     jailer_enabled: bool = Field(True, description="Run each VMM inside metald's jailer")
     jailer_uid: int = Field(1000, ge=0, le=2**31, description="uid the VMM drops to")

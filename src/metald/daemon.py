@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from metald.api.app import MetaldApp
+from metald.api.events import EventServiceImpl, StreamingApp
 from metald.api.health import Health
 from metald.api.server import ApiServer, ServerOptions
 from metald.api.service import VmServiceImpl
@@ -21,6 +22,8 @@ from metald.core.engine import VmEngine
 from metald.core.ports import Network
 from metald.limits import raise_nofile_limit
 from metald.store.sqlite import Store
+from metald.streams.hub import EventHub
+from metald.streams.workload import WorkloadWatcher
 
 if TYPE_CHECKING:
     from metald.observability.metrics import Metrics
@@ -37,6 +40,7 @@ class Daemon:
     store: Store
     engine: VmEngine
     app: MetaldApp
+    hub: EventHub
     metrics: Metrics | None = None  # set when UNKEY_METALD_OTEL_ENABLED
     tracing: Tracing | None = None
 
@@ -88,8 +92,12 @@ async def build(settings: Settings, tls: ServerTls | None = None) -> Daemon:
         checks["network"] = network.check
     health = Health(checks, backend.name)
     peer_identity = tls.peer_identity if tls is not None else None  # with TLS: the client certificate's SPIFFE ID
-    app = MetaldApp(VmServiceImpl(engine, settings), health, settings.max_request_bytes, peer_identity=peer_identity)
-    return Daemon(settings, store, engine, app, metrics, tracing)
+    hub = EventHub(store, settings)
+    events = StreamingApp(EventServiceImpl(hub, settings), settings.max_request_bytes)
+    app = MetaldApp(
+        VmServiceImpl(engine, settings), health, settings.max_request_bytes, peer_identity=peer_identity, events=events
+    )
+    return Daemon(settings, store, engine, app, hub, metrics, tracing)
 
 
 async def run(settings: Settings) -> None:
@@ -98,11 +106,14 @@ async def run(settings: Settings) -> None:
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     tls = await open_tls(settings)  # TlsError: refuse to start, never plaintext instead
     daemon = await build(settings, tls)
+    await daemon.hub.start()  # before reconcile: its events reach followers who connect early
     with daemon.tracing.span("metald.reconcile") if daemon.tracing else contextlib.nullcontext():
         report = await daemon.engine.start()
     if daemon.metrics is not None:
         daemon.metrics.record_reconcile(report)
     log.info("metald ready", extra={"port": settings.port, "adopted": len(report.adopted)})
+    workload = WorkloadWatcher(daemon.store, settings)  # METALD_WORKLOAD_EXIT lines on consoles
+    workload.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -110,13 +121,19 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
 
+    async def stopping() -> None:
+        await stop.wait()
+        await daemon.hub.close()  # end the open streams, or the server's graceful stop waits for them
+
     options = ServerOptions(address, settings.port, settings.shutdown_grace_seconds)
     app = daemon.tracing.wrap(daemon.app) if daemon.tracing else daemon.app
     try:
         if daemon.metrics is not None:
             await daemon.metrics.start()
-        await ApiServer(app, options, tls).serve(stop.wait())
+        await ApiServer(app, options, tls).serve(stopping())
     finally:
+        await workload.close()
+        await daemon.hub.close()
         log.info("stopping: VMs keep running")
         if daemon.metrics is not None:
             await daemon.metrics.stop()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from metald.api.app import MetaldApp
+from metald.api.events import EventServiceImpl, StreamingApp
 from metald.api.health import Health
 from metald.api.server import ApiServer, ServerOptions
 from metald.api.service import VmServiceImpl
@@ -20,6 +21,7 @@ from metald.config import Settings
 from metald.core.engine import VmEngine
 from metald.core.lifecycle import ReconcileReport
 from metald.store.sqlite import Store
+from metald.streams.hub import EventHub
 
 
 def free_port() -> int:
@@ -37,6 +39,7 @@ class RunningServer:
     backend: Any
     loop: asyncio.AbstractEventLoop
     tls: Any = None  # the server's metald.api.tls.ServerTls when served with tls=True
+    hub: EventHub | None = None
 
     def call(self, coro: Any) -> Any:
         """Run a coroutine on the server's loop (e.g. to poke the engine)."""
@@ -86,6 +89,8 @@ def serve_in_thread(
         holder["tls"] = server_tls
         engine = VmEngine(settings, store, backend, network)
         holder["engine"] = engine
+        hub = holder["hub"] = EventHub(store, settings)
+        await hub.start()
         report = await engine.start()
         if on_start is not None:
             await on_start(engine, report)
@@ -98,10 +103,15 @@ def serve_in_thread(
             Health({"store": store_check, "backend": backend.ping}, backend.name),
             settings.max_request_bytes,
             peer_identity=server_tls.peer_identity if server_tls is not None else None,
+            events=StreamingApp(EventServiceImpl(hub, settings), settings.max_request_bytes),
         )
         served = wrap_app(app) if wrap_app is not None else app
+        async def stopping() -> None:
+            await stop.wait()
+            await hub.close()
+
         api = ApiServer(served, ServerOptions("127.0.0.1", port, grace_seconds=1), server_tls)
-        task = asyncio.ensure_future(api.serve(stop.wait()))
+        task = asyncio.ensure_future(api.serve(stopping()))
         for _ in range(200):
             try:
                 _, w = await asyncio.open_connection("127.0.0.1", port)
@@ -121,7 +131,9 @@ def serve_in_thread(
     assert ready.wait(20), "server did not start"
     try:
         scheme = "https" if tls else "http"
-        yield RunningServer(f"{scheme}://127.0.0.1:{port}", port, holder["engine"], store, backend, loop, holder["tls"])
+        yield RunningServer(
+            f"{scheme}://127.0.0.1:{port}", port, holder["engine"], store, backend, loop, holder["tls"], holder["hub"]
+        )
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)

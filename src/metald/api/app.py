@@ -1,6 +1,7 @@
 """The ASGI application: health routes, a request-size cap, caller identity, then
 ConnectRPC (Connect JSON/binary, gRPC, gRPC-Web) for each mounted service:
-VmService, grpc.health.v1.Health and gRPC server reflection (v1, v1alpha)."""
+VmService, the streaming EventService (api/events.py), grpc.health.v1.Health and
+gRPC server reflection (v1, v1alpha)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ class MetaldApp:
         max_request_bytes: int,
         authorizer: Authorizer | None = None,
         peer_identity: PeerIdentity | None = None,
+        events: Any = None,
     ) -> None:
         self.health = health
         self.max_request_bytes = max_request_bytes
@@ -84,6 +86,8 @@ class MetaldApp:
         self.services = Services()
         self.routes: dict[str, Any] = {}
         self.mount(VmServiceASGIApplication(service, read_max_bytes=max_request_bytes))
+        if events is not None:
+            self.mount(events)
         for app in standard_apps(self._ready, self.services):
             self.mount(app)
 

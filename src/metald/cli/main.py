@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=0)
     p.add_argument("--all", action="store_true", help="follow page tokens")
     p.set_defaults(func=cmd_vm_list)
+    from metald.cli.streams import add_parsers
+
+    add_parsers(sub, vsub, DEFAULT_SERVER)  # metald events, metald vm logs
     return parser
 
 

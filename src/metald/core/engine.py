@@ -162,12 +162,14 @@ class VmEngine(ReconcileMixin):
         return boot_spec(row.vm_id, draft, alloc, ip_arg, self.settings.run_dir)
 
     async def _operation(
-        self, name: str, vm_id: str, body: Callable[[], Awaitable[Any]]
+        self, name: str, vm_id: str, body: Callable[[], Awaitable[Any]], customer_id: str | None = None
     ) -> Any:
-        """Run one operation under the VM's lock with intent, events and logs."""
+        """Run one operation under the VM's lock with intent, events and logs
+        (``customer_id``: the owner to record before the VM's row exists)."""
         started = time.monotonic()
         with log_context(vm_id=vm_id, operation=name):
             async with self._lock(vm_id):
+                self.store.add_event(vm_id, name, "started", customer_id=customer_id)
                 try:
                     if vm_id in self._unsettled:
                         await self._settle(vm_id)  # the VMM's run state first (reconcile.py)
@@ -175,8 +177,10 @@ class VmEngine(ReconcileMixin):
                 except BaseException as exc:
                     outcome = "failed"
                     self._observe(name, outcome, started, exc)
-                    if isinstance(exc, MetaldError | Exception) and self.store.get_vm(vm_id):
-                        self.store.add_event(vm_id, name, outcome, str(exc)[:1000])
+                    if isinstance(exc, Exception | asyncio.CancelledError):
+                        cancelled = isinstance(exc, asyncio.CancelledError)
+                        code = exc.code if isinstance(exc, MetaldError) else "canceled" if cancelled else "internal"
+                        self.store.add_event(vm_id, name, outcome, str(exc)[:1000], code=code, customer_id=customer_id)
                     if isinstance(exc, asyncio.CancelledError):  # client gone or its deadline passed
                         log.info("operation cancelled: the caller went away or its deadline passed")
                     else:
@@ -323,7 +327,7 @@ class VmEngine(ReconcileMixin):
             self.store.add_event(vm_id, "create", "ok")
             return self._row(vm_id)
 
-        return await self._operation("create", vm_id, body)
+        return await self._operation("create", vm_id, body, customer_id)
 
     def _check_capacity(self, row: VmRow) -> None:
         """Memory is held by running VMs only: created and shut-down VMs cost none,

@@ -95,6 +95,7 @@ class ReconcileMixin:
             report.leftovers_removed += await asyncio.to_thread(self._sweep_run_dirs, known)
             for item in report.leftovers_removed:
                 log.warning("removed leftover %s", item)
+                self.store.add_event("", "leftover", "removed", item)
         for names in (report.adopted, report.marked_shutdown, report.rolled_back, report.completed):
             names.sort()
         report.seconds = time.monotonic() - started
@@ -224,6 +225,7 @@ class ReconcileMixin:
         _, adopted = await asyncio.gather(network(), adopt())
         if adopted:
             report.adopted.append(vm_id)
+            self.store.add_event(vm_id, "adopt", "ok", "VMM adopted at start")
         if operation == "boot":
             if adopted:
                 status = dict(row.status)

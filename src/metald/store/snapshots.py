@@ -1,4 +1,4 @@
-"""The snapshot repository: rows in SQLite (table ``snapshots``, migration 3 of
+"""The snapshot repository: rows in SQLite (table ``snapshots``, migration 4 of
 ``metald.store.sqlite``) and one directory per snapshot under
 ``<data_dir>/snapshots/<snapshot_id>/``.
 
