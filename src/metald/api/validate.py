@@ -358,7 +358,9 @@ def _image_ref(config: pb.VmConfig) -> str:
         if dev.read_only:
             raise InvalidArgument(f"{f}.read_only", "an image's root disk is the VM's own writable copy")
         if any(d.is_root_device for j, d in enumerate(config.storage) if j != i):
-            raise InvalidArgument(f"{f}.options.docker_image", "the image's disk is the root device; another is marked root")
+            raise InvalidArgument(
+                f"{f}.options.docker_image", "the image's disk is the root device; another is marked root"
+            )
         found.append((f"{f}.options.docker_image", dev.options["docker_image"]))
     if "docker_image" in config.metadata:
         found.append(("config.metadata.docker_image", config.metadata["docker_image"]))

@@ -267,8 +267,11 @@ class VmEngine(ReconcileMixin):
                     raise FailedPrecondition("container images are not enabled on this host")
                 images, image_dir = self.images, self.settings.run_dir / vm_id
                 draft = await images.prepare(vm_id, draft, self.backend.name, image_dir)
+                made = draft
                 image_steps.append(
-                    FuncStep("image", lambda: images.attach(vm_id, draft, image_dir), lambda: images.detach(vm_id, image_dir))
+                    FuncStep(
+                        "image", lambda: images.attach(vm_id, made, image_dir), lambda: images.detach(vm_id, image_dir)
+                    )
                 )
             holder: dict[str, Any] = {}
 

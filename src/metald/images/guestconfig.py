@@ -104,6 +104,8 @@ def kernel_arg(metadata: dict[str, str], field: str = "config.metadata") -> str 
     encoded = base64.urlsafe_b64encode(_lines(entries).encode()).decode().rstrip("=")
     if len(encoded) > MAX_OVERRIDES_ARG:
         raise InvalidArgument(
-            field, f"the image overrides (env.*, cmd, entrypoint, workdir, user) are too long for the kernel command line ({len(encoded)} > {MAX_OVERRIDES_ARG} encoded bytes)"
+            field,
+            "the image overrides (env.*, cmd, entrypoint, workdir, user) are too long for the kernel"
+            f" command line ({len(encoded)} > {MAX_OVERRIDES_ARG} encoded bytes)",
         )
     return f"{KERNEL_ARG}={encoded}"

@@ -79,9 +79,9 @@ class Scan:
         for i in range(1, len(parts)):
             prefix = "/".join(parts[:i])
             if prefix in self.symlinks:
-                raise self._refuse(
-                    layer, name, f"is written through symlink {prefix} -> {self.symlinks[prefix]}, which leaves the root"
-                )
+                target = self.symlinks[prefix]
+                why = f"is written through symlink {prefix} -> {target}, which leaves the root"
+                raise self._refuse(layer, name, why)
         path = "/".join(parts)
         self.symlinks.pop(path, None)
         if m.islnk():

@@ -20,6 +20,7 @@ no VM uses (a VM's disk links to its image: see disk.py).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import hashlib
 import json
@@ -141,7 +142,7 @@ class ImageStore:
                     out.setdefault("sha256:" + target.parent.name, []).append(entry.name)
         return out
 
-    def list(self) -> list[CachedImage]:
+    def list(self) -> builtins.list[CachedImage]:
         self._setup()
         users = self.users()
         images = []
@@ -259,11 +260,11 @@ class ImageStore:
         self._drop(image)
         return image
 
-    def evict(self, keep: str | None = None) -> list[str]:
+    def evict(self, keep: str | None = None) -> builtins.list[str]:
         """Evict least recently used images no VM uses until the cache fits its bound."""
         images = self.list()
         total = sum(i.disk_bytes for i in images)
-        evicted: list[str] = []
+        evicted: builtins.list[str] = []
         for image in sorted(images, key=lambda i: i.last_used):
             if total <= self.settings.image_cache_bytes:
                 break
