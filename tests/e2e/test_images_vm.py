@@ -133,3 +133,53 @@ def _images(daemon: DaemonProcess) -> list[dict[str, object]]:
         env=daemon.env, capture_output=True, text=True, check=True,
     ).stdout
     return list(json.loads(out))
+
+
+def test_image_on_firecracker_through_the_double(
+    tmp_path: Path, require_isolated: None, require_image: Path
+) -> None:
+    """Firecracker takes raw drives: the VM's disk is a (reflink or sparse) copy of
+    the cached image; the double boots it under QEMU from what metald sent."""
+    from metald.backends.qemu.clock import cached_host_tsc_khz
+    from tests.firecracker_double import harness
+
+    registry = Registry(tmp_path)
+    ref = registry.push(build_web(tmp_path / "web"), "web", "team/web:1")
+    shim_dir = tmp_path / "shim"
+    shim_dir.mkdir()
+    record = tmp_path / "requests.jsonl"
+    knobs = {"FC_DOUBLE_BOOT_QEMU": "1", "FC_DOUBLE_CHECK_TAP": "1"}
+    khz = cached_host_tsc_khz()
+    if khz:
+        knobs["FC_DOUBLE_TSC_KHZ"] = str(khz)
+    d = DaemonProcess(
+        tmp_path,
+        require_image,
+        UNKEY_METALD_BACKEND="firecracker",
+        UNKEY_METALD_FIRECRACKER_BINARY=str(harness.make_shim(shim_dir, record, **knobs)),
+        UNKEY_METALD_JAILER_ENABLED="false",
+        UNKEY_METALD_IMAGE_CACHE_DIR=str(tmp_path / "cache"),
+        UNKEY_METALD_INSECURE_REGISTRIES=registry.host,
+    )
+    d.start()
+    try:
+        vm = "img-fc"
+        before = snapshot(d.data_dir / "metald.db", d.run_dir, d.jail_dir, vmm_marker=vm)
+        d.rpc("CreateVm", {"vmId": vm, "config": {**CONFIG, "metadata": {"docker_image": ref, "env.WHERE": "fc"}}})
+        disk = d.run_dir / vm / "rootfs.ext4"
+        cached = (d.run_dir / vm / "rootfs-base.ext4").resolve()
+        assert disk.stat().st_ino != cached.stat().st_ino and disk.stat().st_size == cached.stat().st_size
+        d.rpc("BootVm", {"vmId": vm})
+        ip = d.rpc("GetVmInfo", {"vmId": vm})["networkInfo"]["ipAddress"]
+        assert "WHERE=fc" in _get(ip, "env")
+        bodies = {r["path"]: r["body"] for r in harness.read_record(record) if r["method"] == "PUT"}
+        assert bodies["/drives/rootfs"]["path_on_host"] == str(disk)
+        assert not bodies["/drives/rootfs"]["is_read_only"]
+        assert "initramfs-image-" in bodies["/boot-source"]["initrd_path"]
+        assert "metald.overrides=" in bodies["/boot-source"]["boot_args"]
+        d.rpc("DeleteVm", {"vmId": vm, "force": True})
+        assert not disk.exists() and cached.is_file()
+        assert_no_leaks(before, snapshot(d.data_dir / "metald.db", d.run_dir, d.jail_dir, vmm_marker=vm))
+    finally:
+        d.kill_with_vmms()
+        registry.stop()
