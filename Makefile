@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 GEN := src/metald/gen
 PROTO := proto/metal/vmprovisioner/v1/vm.proto
 IMAGE_DIR ?= $(CURDIR)/build/image
-DEBIAN_PACKAGES := qemu-system-x86 busybox-static nftables iptables iproute2 kmod cpio e2fsprogs curl jq gcc libc6-dev
+DEBIAN_PACKAGES := qemu-system-x86 busybox-static nftables iptables iproute2 kmod cpio e2fsprogs curl jq gcc libc6-dev skopeo umoci docker-registry qemu-utils
 export UNKEY_METALD_IMAGE_DIR ?= $(IMAGE_DIR)
 
 .PHONY: help deps venv gen dev image run demo test test-unit lint bench clean install uninstall \

@@ -130,14 +130,15 @@ def _images(daemon: DaemonProcess) -> list[dict[str, object]]:
 
     out = subprocess.run(
         [*__import__("tests.support.daemon", fromlist=["METALD"]).METALD, "image", "list", "--json"],
-        env=daemon.env, capture_output=True, text=True, check=True,
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return list(json.loads(out))
 
 
-def test_image_on_firecracker_through_the_double(
-    tmp_path: Path, require_isolated: None, require_image: Path
-) -> None:
+def test_image_on_firecracker_through_the_double(tmp_path: Path, require_isolated: None, require_image: Path) -> None:
     """Firecracker takes raw drives: the VM's disk is a (reflink or sparse) copy of
     the cached image; the double boots it under QEMU from what metald sent."""
     from metald.backends.qemu.clock import cached_host_tsc_khz

@@ -147,10 +147,22 @@ def build_web(work: Path, extra_bytes: int = 0) -> Path:
     (root / "opt/data/new").write_text("new")
     run("umoci", "repack", "--image", f"{layout}:web", str(bundle))
     run(
-        "umoci", "config", "--image", f"{layout}:web",
-        "--config.entrypoint", "/app/start.sh", "--config.cmd", "serve",
-        "--config.env", "GREETING=image", "--config.env", "FOO=bar",
-        "--config.workingdir", "/app", "--config.user", "app",
+        "umoci",
+        "config",
+        "--image",
+        f"{layout}:web",
+        "--config.entrypoint",
+        "/app/start.sh",
+        "--config.cmd",
+        "serve",
+        "--config.env",
+        "GREETING=image",
+        "--config.env",
+        "FOO=bar",
+        "--config.workingdir",
+        "/app",
+        "--config.user",
+        "app",
     )
     shutil.rmtree(bundle)
     return layout
@@ -170,6 +182,7 @@ def build_hostile(work: Path, kind: str) -> Path:
     layout = work / f"hostile-{kind}"
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
+
         def add(name: str, data: bytes = b"x", **attrs: object) -> None:
             info = tarfile.TarInfo(name)
             for key, value in attrs.items():
@@ -191,8 +204,12 @@ def build_hostile(work: Path, kind: str) -> Path:
         elif kind == "hardlink":
             add("h", type=tarfile.LNKTYPE, linkname="../../../../../../etc/hostname")
     layer, layer_size = _blob(layout, buf.getvalue())
-    config = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/busybox", "true"]},
-              "rootfs": {"type": "layers", "diff_ids": [layer]}}
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["/bin/busybox", "true"]},
+        "rootfs": {"type": "layers", "diff_ids": [layer]},
+    }
     cfg, cfg_size = _blob(layout, json.dumps(config).encode())
     manifest = {
         "schemaVersion": 2,
@@ -202,9 +219,21 @@ def build_hostile(work: Path, kind: str) -> Path:
     }
     man, man_size = _blob(layout, json.dumps(manifest).encode())
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": man, "size": man_size,
-         "annotations": {"org.opencontainers.image.ref.name": "bad"}}]}))
+    (layout / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": man,
+                        "size": man_size,
+                        "annotations": {"org.opencontainers.image.ref.name": "bad"},
+                    }
+                ],
+            }
+        )
+    )
     return layout
 
 

@@ -94,7 +94,7 @@ TAIL_BYTES = 256 << 10
 
 
 def workload_exit(console_log: Path) -> str | None:
-    """"workload exited with code N" if metald-init's last line of the newest boot says so."""
+    """ "workload exited with code N" if metald-init's last line of the newest boot says so."""
     try:
         with open(console_log, "rb") as fh:
             fh.seek(0, os.SEEK_END)
