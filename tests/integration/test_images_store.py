@@ -170,3 +170,23 @@ def test_lru_eviction_spares_images_in_use(tmp_path: Path, registry: Registry) -
     (vm_dir / "rootfs-base.ext4").unlink()
     store.remove(refs[0])
     assert {i.digest for i in store.list()} == {third.digest}
+
+
+def test_interrupted_work_is_never_used(tmp_path: Path, registry: Registry, web_layout: Path) -> None:
+    ref = registry.push(web_layout, "web", "team/web:1")
+    settings = _settings(tmp_path, registry)
+    # a pull cut short by the timeout: the tools are killed, nothing is kept
+    hasty = ImageStore(settings.model_copy(update={"image_pull_timeout_seconds": 0.05}))
+    with pytest.raises(Unavailable, match="UNKEY_METALD_IMAGE_PULL_TIMEOUT_SECONDS"):
+        asyncio.run(hasty.resolve(ref))
+    assert hasty.list() == [] and list((tmp_path / "cache/tmp").iterdir()) == []
+    # what a crash leaves: a work directory, and an image directory without its metadata
+    digest = asyncio.run(ImageStore(settings).resolve(ref)).digest
+    image_dir = tmp_path / "cache/images" / digest.split(":")[1]
+    (image_dir / "meta.json").unlink()
+    (image_dir / "rootfs.ext4").write_bytes(b"half")
+    (tmp_path / "cache/tmp/abandoned").mkdir()
+    store = ImageStore(settings)
+    image = asyncio.run(store.resolve(ref))
+    assert image.digest == digest and image.path.stat().st_size > 1 << 20
+    assert list((tmp_path / "cache/tmp").iterdir()) == []
