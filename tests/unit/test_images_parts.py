@@ -172,6 +172,8 @@ def _config(**kw: object) -> pb.VmConfig:
 
 def test_request_validation(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
+    plain = validate.vm_config(_config(), settings, True)  # no image: the bundled root filesystem
+    assert plain.image == "" and [d.drive_id for d in plain.drives] == ["rootfs"]
     draft = validate.vm_config(_config(metadata={"docker_image": "nginx:1.27"}), settings, True)
     assert draft.image == "docker.io/library/nginx:1.27" and draft.drives == ()
     root = pb.StorageDevice(id="root", is_root_device=True, options={"docker_image": "nginx"})

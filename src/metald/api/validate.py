@@ -281,7 +281,7 @@ def vm_config(config: pb.VmConfig, settings: Settings, has_config: bool) -> VmDr
         raise InvalidArgument("config.storage", f"at most {MAX_DRIVES} devices")
     drives: list[Drive] = []
     seen: set[str] = set()
-    image = _image_ref(config)
+    docker_image = _image_ref(config)
     for i, dev in enumerate(config.storage):
         if "docker_image" in dev.options:
             continue  # the root disk made from a container image (_image_ref checked it)
@@ -301,7 +301,7 @@ def vm_config(config: pb.VmConfig, settings: Settings, has_config: bool) -> VmDr
         if dev.is_root_device and any(d.is_root for d in drives):
             raise InvalidArgument(f"{f}.is_root_device", "only one root device is allowed")
         drives.append(Drive(drive_id, path, dev.read_only, dev.is_root_device))
-    if not config.storage and not boot.kernel_path and not image:
+    if not config.storage and not boot.kernel_path and not docker_image:
         rootfs = image / "rootfs.ext4"
         if rootfs.is_file():
             # The bundled root filesystem is shared by every VM, hence read-only.
@@ -337,7 +337,7 @@ def vm_config(config: pb.VmConfig, settings: Settings, has_config: bool) -> VmDr
         nic=nic,
         console_enabled=enabled,
         metadata=metadata(config.metadata, "config.metadata"),
-        image=image,
+        image=docker_image,
     )
 
 
