@@ -14,7 +14,7 @@ import pytest
 from metald.config import Settings
 from metald.core.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from metald.images.store import ImageStore
-from tests.support.images import Registry, auth_file, build_hostile, build_web, manifest_of
+from tests.support.images import Registry, add_index, auth_file, build_hostile, build_web, manifest_of
 from tests.support.server import free_port, make_settings
 
 pytestmark = pytest.mark.xdist_group("images")
@@ -190,3 +190,20 @@ def test_interrupted_work_is_never_used(tmp_path: Path, registry: Registry, web_
     image = asyncio.run(store.resolve(ref))
     assert image.digest == digest and image.path.stat().st_size > 1 << 20
     assert list((tmp_path / "cache/tmp").iterdir()) == []
+
+
+def test_absolute_symlinks_stay_inside_the_image(tmp_path: Path, registry: Registry) -> None:
+    """umoci resolves an absolute symlink inside the root: accepted, and the entry
+    written through it lands in the image, never on the host."""
+    ref = registry.push(build_hostile(tmp_path, "rooted-symlink"), "bad", "rooted/link:1")
+    image = asyncio.run(ImageStore(_settings(tmp_path, registry)).resolve(ref))
+    assert "inside" in debugfs(image.path, "ls /tmp/metald-rooted")
+    assert not Path("/tmp/metald-rooted").exists()
+
+
+def test_multi_arch_index_picks_linux_amd64(tmp_path: Path, registry: Registry) -> None:
+    layout = build_web(tmp_path / "multi")
+    add_index(layout, "web", "multi", build_hostile(tmp_path, "dotdot"))  # arm64: would be refused
+    ref = registry.push(layout, "multi", "team/multi:1", all_images=True)
+    image = asyncio.run(ImageStore(_settings(tmp_path, registry)).resolve(ref))
+    assert "start.sh" in debugfs(image.path, "ls /app")

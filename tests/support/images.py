@@ -85,9 +85,11 @@ class Registry:
                 time.sleep(0.1)
         raise AssertionError("registry did not start: " + (self.dir / "registry.log").read_text())
 
-    def push(self, layout: Path, tag: str, name: str) -> str:
+    def push(self, layout: Path, tag: str, name: str, all_images: bool = False) -> str:
         """Push ``layout:tag`` as ``name`` (repo:tag); returns host/name."""
         argv = ["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"]
+        if all_images:
+            argv.append("--all")
         if self.user is not None:
             argv += ["--dest-creds", f"{self.user[0]}:{self.user[1]}"]
         run(*argv, f"oci:{layout}:{tag}", f"docker://{self.host}/{name}")
@@ -203,6 +205,9 @@ def build_hostile(work: Path, kind: str) -> Path:
             add("out/metald-escaped-symlink")
         elif kind == "hardlink":
             add("h", type=tarfile.LNKTYPE, linkname="../../../../../../etc/hostname")
+        elif kind == "rooted-symlink":  # accepted: the absolute target is resolved inside the image
+            add("out", type=tarfile.SYMTYPE, linkname="/tmp/metald-rooted")
+            add("out/inside")
     layer, layer_size = _blob(layout, buf.getvalue())
     config = {
         "architecture": "amd64",
@@ -244,3 +249,39 @@ def manifest_of(layout: Path, tag: str) -> dict[str, object]:
             hexd = entry["digest"].split(":", 1)[1]
             return dict(json.loads((layout / "blobs/sha256" / hexd).read_bytes()))
     raise KeyError(tag)
+
+
+def add_index(layout: Path, tag: str, index_tag: str, decoy: Path) -> None:
+    """Tag ``index_tag``: an image index with ``tag`` as linux/amd64 and the
+    manifest of layout ``decoy`` (tag ``bad``) as linux/arm64, first."""
+    amd64 = next(
+        e
+        for e in json.loads((layout / "index.json").read_text())["manifests"]
+        if e["annotations"]["org.opencontainers.image.ref.name"] == tag
+    )
+    arm64 = json.loads((decoy / "index.json").read_text())["manifests"][0]
+    for sub in ("blobs/sha256",):
+        for blob in (decoy / sub).iterdir():
+            shutil.copy(blob, layout / sub / blob.name)
+    entries = []
+    for entry, arch in ((arm64, "arm64"), (amd64, "amd64")):
+        entries.append(
+            {
+                "mediaType": entry["mediaType"],
+                "digest": entry["digest"],
+                "size": entry["size"],
+                "platform": {"architecture": arch, "os": "linux"},
+            }
+        )
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}
+    digest, size = _blob(layout, json.dumps(index).encode())
+    top = json.loads((layout / "index.json").read_text())
+    top["manifests"].append(
+        {
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": digest,
+            "size": size,
+            "annotations": {"org.opencontainers.image.ref.name": index_tag},
+        }
+    )
+    (layout / "index.json").write_text(json.dumps(top))
