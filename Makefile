@@ -16,11 +16,14 @@ export UNKEY_METALD_IMAGE_DIR ?= $(IMAGE_DIR)
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
+# docker-registry is for the tests only (they start their own on loopback): its service is disabled.
 deps: ## Install the Debian packages metald and its tests use
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $$missing >/dev/null; fi
+	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $$missing >/dev/null; \
+	  case " $$missing " in *" docker-registry "*) \
+	    systemctl disable --now docker-registry >/dev/null 2>&1 || true;; esac; fi
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)

@@ -83,6 +83,8 @@ class VmImages:
         for name in (OVERLAY, COPY, BASE_LINK, ".tmp." + OVERLAY, ".tmp." + COPY):
             with contextlib.suppress(FileNotFoundError):
                 (run_dir / name).unlink()
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only if the disk was all it held (a create being undone)
 
     def exit_reason(self, console_log: Path) -> str | None:
         return workload_exit(console_log)
