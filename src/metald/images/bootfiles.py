@@ -19,6 +19,7 @@ from pathlib import Path
 from metald.images.tools import need, run
 
 SOURCE = Path(__file__).parent / "init" / "metald-init.c"
+CFLAGS = ("-static", "-O2", "-s", "-Wall")
 
 
 def _newc(name: str, data: bytes, mode: int) -> bytes:
@@ -49,15 +50,16 @@ class BootFiles:
         self._lock = asyncio.Lock()
 
     async def init_binary(self) -> Path:
-        """The static metald-init for this source, compiled if missing."""
+        """The static metald-init for this source and these flags, compiled if missing."""
         source = SOURCE.read_bytes()
-        path = self.directory / f"metald-init-{hashlib.sha256(source).hexdigest()[:16]}"
+        key = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
+        path = self.directory / f"metald-init-{key}"
         async with self._lock:
             if not path.is_file():
                 self.directory.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".tmp.{os.getpid()}.{path.name}")
                 gcc = need("gcc", "gcc, libc6-dev")
-                await run([gcc, "-static", "-O2", "-Wall", "-o", str(tmp), str(SOURCE)])
+                await run([gcc, *CFLAGS, "-o", str(tmp), str(SOURCE)])
                 os.chmod(tmp, 0o755)
                 os.replace(tmp, path)
         return path
