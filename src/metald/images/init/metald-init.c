@@ -298,7 +298,7 @@ static int resolve_user(const char *spec, uid_t *uid, gid_t *gid, const char **h
     *home = "/";
     if (all_digits(buf)) {
         *uid = (uid_t)atol(buf);
-        *gid = *uid ? *uid : 0;
+        *gid = 0; /* as Docker: a uid without a passwd entry runs with gid 0 */
         if (lookup("/etc/passwd", buf, 1, pw, 7)) { *gid = (gid_t)atol(pw[3]); if (pw[5] && *pw[5]) *home = strdup(pw[5]); }
     } else {
         if (!lookup("/etc/passwd", buf, 0, pw, 7)) return -1;
