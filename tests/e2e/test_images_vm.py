@@ -32,7 +32,7 @@ def env(tmp_path: Path, require_isolated: None, require_image: Path) -> Iterator
         UNKEY_METALD_IMAGE_CACHE_DIR=str(tmp_path / "cache"),
         UNKEY_METALD_INSECURE_REGISTRIES=registry.host,
     )
-    d.start()
+    d.start(timeout=180)  # a loaded machine starts metald slowly
     yield d, registry, ref
     d.kill_with_vmms()
     registry.stop()
@@ -162,7 +162,7 @@ def test_image_on_firecracker_through_the_double(tmp_path: Path, require_isolate
         UNKEY_METALD_IMAGE_CACHE_DIR=str(tmp_path / "cache"),
         UNKEY_METALD_INSECURE_REGISTRIES=registry.host,
     )
-    d.start()
+    d.start(timeout=180)  # a loaded machine starts metald slowly
     try:
         vm = "img-fc"
         before = snapshot(d.data_dir / "metald.db", d.run_dir, d.jail_dir, vmm_marker=vm)

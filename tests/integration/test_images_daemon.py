@@ -31,7 +31,7 @@ def env(tmp_path: Path, require_isolated: None, require_image: Path) -> Iterator
         UNKEY_METALD_IMAGE_CACHE_DIR=str(tmp_path / "cache"),
         UNKEY_METALD_INSECURE_REGISTRIES=registry.host,
     )
-    d.start()
+    d.start(timeout=180)  # a loaded machine starts metald slowly
     yield d, registry, ref
     d.kill_with_vmms()
     registry.stop()

@@ -207,3 +207,15 @@ def test_multi_arch_index_picks_linux_amd64(tmp_path: Path, registry: Registry) 
     ref = registry.push(layout, "multi", "team/multi:1", all_images=True)
     image = asyncio.run(ImageStore(_settings(tmp_path, registry)).resolve(ref))
     assert "start.sh" in debugfs(image.path, "ls /app")
+
+
+def test_private_ca(tmp_path: Path, require_isolated: None, web_layout: Path) -> None:
+    reg = Registry(tmp_path, tls=True)
+    try:
+        ref = reg.push(web_layout, "web", "team/web:1")
+        with pytest.raises(Unavailable, match="x509|certificate"):
+            asyncio.run(ImageStore(_settings(tmp_path / "system-cas", None)).resolve(ref))
+        store = ImageStore(_settings(tmp_path / "own-ca", None, registry_ca_file=reg.ca))
+        assert asyncio.run(store.resolve(ref)).digest.startswith("sha256:")
+    finally:
+        reg.stop()

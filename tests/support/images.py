@@ -53,7 +53,7 @@ def run(*argv: str, **kw: object) -> str:
 class Registry:
     """docker-registry on 127.0.0.1:<free port>; with ``user`` it wants htpasswd auth."""
 
-    def __init__(self, tmp: Path, user: tuple[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, user: tuple[str, str] | None = None, tls: bool = False) -> None:
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.dir = tmp / f"registry-{self.port}"
@@ -69,6 +69,28 @@ class Registry:
             hashed = crypt.crypt(user[1], crypt.mksalt(crypt.METHOD_BLOWFISH)).replace("$2b$", "$2y$", 1)
             (self.dir / "htpasswd").write_text(f"{user[0]}:{hashed}\n")
             config.append(f"auth:\n  htpasswd:\n    realm: test\n    path: {self.dir / 'htpasswd'}")
+        self.ca: Path | None = None
+        if tls:  # a self-signed certificate for 127.0.0.1: its own CA
+            self.ca = self.dir / "ca.pem"
+            run(
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+                str(self.dir / "key.pem"),
+                "-out",
+                str(self.ca),
+            )
+            config[3] += f"\n  tls:\n    certificate: {self.ca}\n    key: {self.dir / 'key.pem'}"
         (self.dir / "config.yml").write_text("\n".join(config) + "\n")
         self.proc = subprocess.Popen(
             ["docker-registry", "serve", str(self.dir / "config.yml")],
@@ -79,7 +101,7 @@ class Registry:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                httpx.get(f"http://{self.host}/v2/", timeout=1)
+                httpx.get(f"{'https' if tls else 'http'}://{self.host}/v2/", timeout=1, verify=False)
                 return
             except httpx.HTTPError:
                 time.sleep(0.1)
@@ -88,6 +110,10 @@ class Registry:
     def push(self, layout: Path, tag: str, name: str, all_images: bool = False) -> str:
         """Push ``layout:tag`` as ``name`` (repo:tag); returns host/name."""
         argv = ["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"]
+        if self.ca is not None:
+            argv[-1] = f"--dest-cert-dir={self.ca.parent / 'certs'}"
+            (self.ca.parent / "certs").mkdir(exist_ok=True)
+            shutil.copy(self.ca, self.ca.parent / "certs" / "ca.crt")
         if all_images:
             argv.append("--all")
         if self.user is not None:
