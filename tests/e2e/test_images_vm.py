@@ -32,10 +32,12 @@ def env(tmp_path: Path, require_isolated: None, require_image: Path) -> Iterator
         UNKEY_METALD_IMAGE_CACHE_DIR=str(tmp_path / "cache"),
         UNKEY_METALD_INSECURE_REGISTRIES=registry.host,
     )
-    d.start(timeout=180)  # a loaded machine starts metald slowly
-    yield d, registry, ref
-    d.kill_with_vmms()
-    registry.stop()
+    try:
+        d.start(timeout=180)  # a loaded machine starts metald slowly
+        yield d, registry, ref
+    finally:
+        d.kill_with_vmms()
+        registry.stop()
 
 
 def _get(ip: str, path: str, timeout: float = 120) -> str:
@@ -162,8 +164,8 @@ def test_image_on_firecracker_through_the_double(tmp_path: Path, require_isolate
         UNKEY_METALD_IMAGE_CACHE_DIR=str(tmp_path / "cache"),
         UNKEY_METALD_INSECURE_REGISTRIES=registry.host,
     )
-    d.start(timeout=180)  # a loaded machine starts metald slowly
     try:
+        d.start(timeout=180)  # a loaded machine starts metald slowly
         vm = "img-fc"
         before = snapshot(d.data_dir / "metald.db", d.run_dir, d.jail_dir, vmm_marker=vm)
         d.rpc("CreateVm", {"vmId": vm, "config": {**CONFIG, "metadata": {"docker_image": ref, "env.WHERE": "fc"}}})

@@ -31,10 +31,12 @@ def env(tmp_path: Path, require_isolated: None, require_image: Path) -> Iterator
         UNKEY_METALD_IMAGE_CACHE_DIR=str(tmp_path / "cache"),
         UNKEY_METALD_INSECURE_REGISTRIES=registry.host,
     )
-    d.start(timeout=180)  # a loaded machine starts metald slowly
-    yield d, registry, ref
-    d.kill_with_vmms()
-    registry.stop()
+    try:
+        d.start(timeout=180)  # a loaded machine starts metald slowly
+        yield d, registry, ref
+    finally:
+        d.kill_with_vmms()
+        registry.stop()
 
 
 def _cli(d: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
