@@ -10,7 +10,7 @@ STD_PROTOS := proto/grpc/health/v1/health.proto proto/grpc/reflection/v1/reflect
 	proto/grpc/reflection/v1alpha/reflection.proto
 IMAGE_DIR ?= $(CURDIR)/build/image
 DEBIAN_PACKAGES := qemu-system-x86 qemu-utils busybox-static nftables iptables iproute2 kmod cpio e2fsprogs curl jq gcc \
-	libc6-dev nodejs
+	libc6-dev nodejs skopeo umoci docker-registry
 export UNKEY_METALD_IMAGE_DIR ?= $(IMAGE_DIR)
 
 .PHONY: help deps venv gen dev image run demo test test-unit lint bench clean install uninstall \
@@ -20,11 +20,14 @@ export UNKEY_METALD_IMAGE_DIR ?= $(IMAGE_DIR)
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
+# docker-registry is for the tests only (they start their own on loopback): its service is disabled.
 deps: ## Install the Debian packages metald and its tests use
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $$missing >/dev/null; fi
+	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $$missing >/dev/null; \
+	  case " $$missing " in *" docker-registry "*) \
+	    systemctl disable --now docker-registry >/dev/null 2>&1 || true;; esac; fi
 	@# npm (the interoperability tests install the Connect client for Node with it); some nodejs builds bundle it
 	@command -v npm >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq npm >/dev/null; }

@@ -2,7 +2,7 @@
 
 Runs, each as its own process inside the private namespaces of
 tests/isolated.sh: bench.network (figure 1), bench.profile_net (the profile),
-bench.api (figures 2-6), bench.boot (figure 7) and, when it exists,
+bench.api (figures 2-6), bench.boot (figure 7), bench.jail, bench.images (figure 9) and, when it exists,
 bench/adoption.py (reconcile/adoption at start, written separately; its output
 is included as printed). Each writes bench/out/<figure>.json; this module
 turns them into RESULTS.md.
@@ -41,6 +41,8 @@ QUICK = {
     "METALD_BENCH_BOOTS": "2",
     "METALD_BENCH_JAILS": "100",
     "METALD_BENCH_JAIL_SAMPLES": "10",
+    "METALD_BENCH_IMAGE_MB": "20",
+    "METALD_BENCH_IMAGE_BOOTS": "1",
 }
 # (key, module, figure files it writes, timeout in seconds)
 SUITE = [
@@ -51,6 +53,7 @@ SUITE = [
     ("jail", "bench.jail", ["jail"], 600),
     ("connections", "bench.connections", ["connections"], 900),
     ("e2e", "bench.e2e_network", ["e2e_network"], 1800),
+    ("images", "bench.images", ["images"], 1500),
 ]
 
 TRANSPORT = """\
@@ -231,7 +234,7 @@ def render(info: dict[str, Any], runs: list[dict[str, Any]], started: float, qui
         "",
     ]
     figures = {k: load_figure(k) for k in ("network", "create", "churn", "reads", "rss", "reconcile", "adoption",
-                                            "boot", "jail", "connections", "e2e_network", "profile")}
+                                            "boot", "jail", "connections", "e2e_network", "images", "profile")}
     targets = []
     for key, fig in figures.items():
         for t in (fig or {}).get("targets", []):
@@ -244,7 +247,7 @@ def render(info: dict[str, Any], runs: list[dict[str, Any]], started: float, qui
         out += [f"- {r['key']}: exit {r['rc']}" for r in failed]
         out.append("")
     for key in ("network", "create", "churn", "reads", "rss", "reconcile", "boot", "jail", "connections",
-                "e2e_network"):
+                "e2e_network", "images"):
         fig = figures[key]
         if fig is None:
             continue

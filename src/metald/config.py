@@ -57,6 +57,34 @@ class Settings(BaseSettings):
         description="Colon-separated directories VM kernels, initrds and drives may "
         "come from (the image dir is always allowed)",
     )
+    # --- container images (docs/images.md) -----------------------------------
+    image_cache_dir: Path = Field(
+        Path("/opt/metald/data/images"),
+        description="Container images converted to root filesystems, by manifest digest",
+    )
+    image_cache_bytes: int = Field(
+        20 << 30,
+        ge=0,
+        description="Size bound of the image cache; least recently used images no VM uses are evicted",
+    )
+    image_max_bytes: int = Field(
+        4 << 30,
+        ge=1 << 20,
+        description="Largest container image accepted (compressed layers and unpacked content, each)",
+    )
+    image_pull_timeout_seconds: float = Field(
+        600.0, gt=0, le=86400, description="Pull and conversion of one image must finish within this"
+    )
+    image_concurrent_pulls: int = Field(2, ge=1, le=64, description="Images pulled and converted at once")
+    registry_auth_file: Path | None = Field(
+        None, description="Docker-style auth file (config.json / auth.json) with registry credentials"
+    )
+    insecure_registries: str = Field(
+        "", description="Comma-separated host:port registries reached over plain HTTP (no TLS)"
+    )
+    registry_ca_file: Path | None = Field(
+        None, description="Extra CA certificate (PEM) trusted for registries, besides the system CAs"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, le=600, description="How long SIGTERM waits for in-flight requests"
@@ -294,6 +322,10 @@ class Settings(BaseSettings):
     def port_range(self) -> tuple[int, int]:
         low, _, high = self.network_port_range.partition("-")
         return int(low), int(high)
+
+    @property
+    def insecure_registry_list(self) -> list[str]:
+        return [r.strip() for r in self.insecure_registries.split(",") if r.strip()]
 
     @property
     def allowed_asset_dirs(self) -> list[Path]:

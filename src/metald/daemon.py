@@ -72,7 +72,9 @@ async def build(settings: Settings, tls: ServerTls | None = None) -> Daemon:
         from metald.network.manager import NetworkManager
 
         network = NetworkManager(settings, store)
-    engine = VmEngine(settings, store, backend, network)
+    from metald.images.vmdisk import VmImages
+
+    engine = VmEngine(settings, store, backend, network, images=VmImages(settings))
     metrics: Metrics | None = None
     tracing: Tracing | None = None
     if settings.otel_enabled:  # imported only when enabled

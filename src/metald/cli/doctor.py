@@ -254,6 +254,11 @@ CHECKS: list[Check] = [
     check_jailer,
     check_spiffe,
     check_image,
+    # container images (docs/images.md): without these only VMs from files run
+    _binary("skopeo", "skopeo", blocking=False),
+    _binary("umoci", "umoci", blocking=False),
+    _binary("qemu-img", "qemu-utils", blocking=False),
+    _binary("gcc", "gcc libc6-dev", blocking=False),
     check_ip_pool,
     check_nat,
     check_leftovers,

@@ -156,6 +156,11 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
     for item in args.meta or []:
         key, _, value = item.partition("=")
         config.metadata[key] = value
+    if args.image:  # the root disk from a container image; --env sets env.NAME metadata
+        config.storage.append(pb.StorageDevice(id="root", is_root_device=True, options={"docker_image": args.image}))
+    for item in args.env or []:
+        key, _, value = item.partition("=")
+        config.metadata[f"env.{key}"] = value
     with _client(args) as client:
         response = client.create_vm(
             pb.CreateVmRequest(vm_id=args.id or "", config=config, customer_id=args.customer or "")
@@ -295,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tx-rate", help="guest transmit limit, bytes/s")
     c.add_argument("--customer")
     c.add_argument("--meta", action="append", help="KEY=VALUE, repeatable")
+    c.add_argument("--image", help="container image to run (registry/repo:tag); see docs/images.md")
+    c.add_argument("--env", action="append", help="NAME=VALUE for the image's workload, repeatable")
     c.add_argument("--boot", action="store_true", help="boot it right away")
     c.set_defaults(func=cmd_vm_create)
 
@@ -330,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     from metald.cli.streams import add_parsers
 
     add_parsers(sub, vsub, DEFAULT_SERVER)  # metald events, metald vm logs
+
+    from metald.cli import images
+
+    images.add_parser(sub)
     return parser
 
 

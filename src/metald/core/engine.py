@@ -72,6 +72,7 @@ from metald.core.errors import (
     ResourceExhausted,
     StepFailed,
 )
+from metald.core.imageport import ImagePort
 from metald.core.lifecycle import (
     ACTIVE,
     plain_files,
@@ -119,8 +120,10 @@ class VmEngine(ReconcileMixin):
         network: Network | None,
         step_observers: list[StepObserver] | None = None,
         operation_observers: list[OperationObserver] | None = None,
+        images: ImagePort | None = None,
     ) -> None:
         self.settings = settings
+        self.images = images  # container images as root disks (metald.images)
         self.store = store
         self.backend = backend
         self.network = network
@@ -264,6 +267,19 @@ class VmEngine(ReconcileMixin):
         async def body() -> VmRow:
             if self.store.get_vm(vm_id) is not None:
                 raise AlreadyExists(f"vm {vm_id} already exists")
+            nonlocal draft
+            image_steps: list[Step] = []
+            if draft.image:  # a root disk from a container image: one step, undone with the VM
+                if self.images is None:
+                    raise FailedPrecondition("container images are not enabled on this host")
+                images, image_dir = self.images, self.settings.run_dir / vm_id
+                draft = await images.prepare(vm_id, draft, self.backend.name, image_dir)
+                made = draft
+                image_steps.append(
+                    FuncStep(
+                        "image", lambda: images.attach(vm_id, made, image_dir), lambda: images.detach(vm_id, image_dir)
+                    )
+                )
             holder: dict[str, Any] = {}
 
             async def record() -> None:
@@ -312,6 +328,7 @@ class VmEngine(ReconcileMixin):
             steps: list[Step] = [FuncStep("record", record, unrecord)]
             if self.network is not None:
                 steps.append(FuncStep("allocate", allocate, release))
+            steps += image_steps
             steps.append(FuncStep("validate", validate))
             steps.append(FuncStep("rundir", make_run_dir, remove_run_dir))
             plan_steps: list[Step] = list(steps)
@@ -691,6 +708,8 @@ class VmEngine(ReconcileMixin):
                 row = self.store.get_vm(vm_id)
                 if row is None or row.state not in ACTIVE or self.backend.is_running(vm_id):
                     return
+                if self.images is not None and row.spec.get("image"):
+                    reason = self.images.exit_reason(self.settings.run_dir / vm_id / "console.log") or reason
                 status = dict(row.status)
                 status["last_exit"] = reason
                 status["exited_at"] = time.time()

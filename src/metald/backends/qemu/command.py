@@ -79,7 +79,7 @@ def _drive_args(index: int, drive: Drive, snapshot: bool) -> list[str]:
     opts = [
         f"id={node}",
         f"file={opt_escape(drive.path)}",
-        "format=raw",
+        "format=qcow2" if drive.path.suffix == ".qcow2" else "format=raw",
         "if=none",
     ]
     if drive.read_only:
