@@ -128,7 +128,7 @@ def check_cgroups(s: Settings) -> Finding:
             f"cgroup {kind}: controllers {', '.join(missing)} unavailable",
             "boot with systemd.unified_cgroup_hierarchy=1 or mount the missing v1 controllers",
         )
-    return Finding("cgroups", "ok", f"cgroup {kind}: memory, cpu, pids")
+    return Finding("cgroups", "ok", f"cgroup {kind}: memory, cpu, pids; VMs under {s.jailer_cgroup_parent}/")
 
 
 def _dir_check(name: str, attr: str, mode_hint: str) -> Check:

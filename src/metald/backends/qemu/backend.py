@@ -199,7 +199,10 @@ class QemuBackend:
         # as it is, so a failed boot leaves it exactly as it was. Anything else
         # (half made, or with processes left in its cgroup) is made afresh.
         if not await asyncio.to_thread(_jail_ready, jail.root, jail.cgroup.dirs):
-            await self.jailer.cleanup(jail)
+            try:
+                await self.jailer.cleanup(jail)
+            except OSError as exc:  # e.g. a process that is not this VM's VMM in its cgroup
+                raise BackendError(f"cannot prepare the jail of {spec.vm_id}: {exc}") from exc
             await self._prepare_jail(spec, accel)
         argv = [*argv, *qemu_confinement_args(jail)]
         netns = spec.network.namespace if spec.network is not None else None
@@ -311,8 +314,8 @@ class QemuBackend:
                 continue
             try:
                 await self._remove_jail(vm_id)
-            except OSError:
-                log.exception("could not remove leftover jail", extra={"vm_id": vm_id})
+            except OSError as exc:  # e.g. a process in its cgroup that is not its VMM: left alone
+                log.warning("could not remove leftover jail of %s: %s", vm_id, exc)
                 continue
             removed.append(f"jail {vm_id}")
         return removed
