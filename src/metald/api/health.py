@@ -13,8 +13,10 @@ Check = Callable[[], Awaitable[tuple[bool, str]]]
 
 
 class Health:
-    def __init__(self, checks: dict[str, Check], backend_name: str) -> None:
+    def __init__(self, checks: dict[str, Check], backend_name: str, advisory: frozenset[str] = frozenset()) -> None:
         self.checks = checks
+        # checks whose failure makes the status "degraded" (HTTP 200) rather than "unhealthy" (503)
+        self.advisory = advisory
         self.backend_name = backend_name
         self.started = time.monotonic()
 
@@ -29,9 +31,10 @@ class Health:
             results[name] = {"ok": ok, "detail": detail}
 
         await asyncio.gather(*(run(n, c) for n, c in self.checks.items()))
-        healthy = all(r["ok"] for r in results.values())
+        healthy = all(r["ok"] for n, r in results.items() if n not in self.advisory)
+        degraded = healthy and not all(r["ok"] for r in results.values())
         body = {
-            "status": "ok" if healthy else "unhealthy",
+            "status": "degraded" if degraded else "ok" if healthy else "unhealthy",
             "service": "metald",
             "version": __version__,
             "uptime_seconds": int(time.monotonic() - self.started),

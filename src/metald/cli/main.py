@@ -269,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cleanup", help="remove leftovers; the host setup too when no VM remains")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--force", action="store_true",
+                   help="also kill and remove VMs running with no record in the store (orphans)")
     p.set_defaults(func=cmd_cleanup)
     p = sub.add_parser("doctor", help="check the host's prerequisites")
     p.add_argument("--json", action="store_true")

@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 
+from metald.core import orphans
 from metald.core.errors import (
     StepFailed,
 )
@@ -87,12 +88,17 @@ class ReconcileMixin:
 
             await asyncio.gather(*(one(row) for row in rows))
             known = {row.vm_id for row in self.store.all_vms()}
-            if self.network is not None:
-                report.leftovers_removed = await self.network.sweep_leftovers(known)
-            sweep = getattr(self.backend, "sweep_leftovers", None)
-            if sweep is not None:
-                report.leftovers_removed += [i if " " in i else f"jail {i}" for i in await sweep(known)]
-            report.leftovers_removed += await asyncio.to_thread(self._sweep_run_dirs, known)
+            found = await asyncio.to_thread(orphans.scan, self.settings, known, orphans.store_is_empty(self.store))
+            report.orphans = found.ids
+            if found:  # a lost or replaced store: never sweep (see metald.core.orphans)
+                log.error("%s", found.summary(), extra={"orphans": found.ids})
+            else:
+                if self.network is not None:
+                    report.leftovers_removed = await self.network.sweep_leftovers(known)
+                sweep = getattr(self.backend, "sweep_leftovers", None)
+                if sweep is not None:
+                    report.leftovers_removed += [i if " " in i else f"jail {i}" for i in await sweep(known)]
+                report.leftovers_removed += await asyncio.to_thread(self._sweep_run_dirs, known)
             for item in report.leftovers_removed:
                 log.warning("removed leftover %s", item)
         for names in (report.adopted, report.marked_shutdown, report.rolled_back, report.completed):
@@ -106,6 +112,7 @@ class ReconcileMixin:
                 "rolled_back": len(report.rolled_back),
                 "completed": len(report.completed),
                 "leftovers_removed": len(report.leftovers_removed),
+                "orphans": len(report.orphans),
                 "qmp_pending": len(self._unsettled),
                 "seconds": round(report.seconds, 3),
             },
