@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -81,6 +82,11 @@ async def cleanup(settings: Settings, args: argparse.Namespace) -> int:
 
             if found:
                 removed += kill_orphan_vmms(found)
+                for vm_id in found.ids:
+                    run_dir = settings.run_dir / vm_id
+                    if run_dir.is_dir():
+                        shutil.rmtree(run_dir, ignore_errors=True)
+                        removed.append(f"run dir {run_dir}")
             network = NetworkManager(settings, store)
             removed += await network.sweep_leftovers(known)
             try:
