@@ -33,6 +33,7 @@ from metald.backends.qemu.metrics import CpuSample, apply_blockstats, read_netwo
 from metald.backends.qemu.qmp import QmpSession, describe_shutdown
 from metald.backends.qemu.validate import validate_spec
 from metald.config import Settings
+from metald.core.bounds import UNRESPONSIVE, VMM_READ_BOUND_S, describe
 from metald.core.errors import BackendError
 from metald.core.models import BootSpec, VmMetrics
 from metald.core.plan import Plan
@@ -437,7 +438,8 @@ class QemuBackend:
         if not vm.unattached:
             return vm.qmp
         task = vm.attaching
-        if task is None:
+        if task is None or (task.done() and not task.cancelled() and task.exception() is not None and vm.alive):
+            # first use, or the last attempt failed while the VMM lives on (e.g. it was stopped): try again
             task = vm.attaching = asyncio.get_running_loop().create_task(self._attach(vm))
         try:
             await asyncio.shield(task)
@@ -451,7 +453,7 @@ class QemuBackend:
         try:
             await vm.qmp.connect(QMP_CONNECT_TIMEOUT_S, lambda: vm.alive)
         except Exception as exc:
-            why = f"QMP of pid {vm.handle.pid} did not answer: {exc}"
+            why = f"QMP of pid {vm.handle.pid} did not answer: {describe(exc)}"
             self._adopt_errors[vm.vm_id] = why
             log.warning("qemu %s: adopted pid %d but QMP failed: %s", vm.vm_id, vm.handle.pid, exc)
             raise BackendError(why) from None
@@ -518,7 +520,7 @@ class QemuBackend:
             await self._wait_finished(vm)
             return vm.exit_reason or "killed"
         if not force and not await self._power_button(vm, timeout_s):
-            vm.failure = f"guest ignored the power button for {timeout_s:g}s; stopped by QEMU"
+            vm.failure = f"guest did not power off within {timeout_s:g}s (or its VMM did not answer); stopped"
             force = True
         if force:
             await self._force_stop(vm)
@@ -535,9 +537,14 @@ class QemuBackend:
         deadline = loop.time() + max(0.0, timeout_s)
         while True:
             try:
-                if await vm.qmp.status() == "paused":
-                    await vm.qmp.execute("cont")  # a paused guest cannot see the button
-                await vm.qmp.execute("system_powerdown")
+                status = await vm.qmp.status(timeout=VMM_READ_BOUND_S)
+            except BackendError as exc:  # a stopped or wedged VMM cannot hear the button either
+                log.warning("qemu %s: %s; not waiting for the guest: %s", vm.vm_id, UNRESPONSIVE, exc)
+                return False
+            try:
+                if status == "paused":
+                    await vm.qmp.execute("cont", timeout=VMM_READ_BOUND_S)  # a paused guest cannot see the button
+                await vm.qmp.execute("system_powerdown", timeout=VMM_READ_BOUND_S)
             except BackendError as exc:
                 log.warning("qemu %s: power button press failed: %s", vm.vm_id, exc)
             remaining = deadline - loop.time()
@@ -680,10 +687,12 @@ class QemuBackend:
         with contextlib.suppress(BackendError):
             out["qemu_version"] = await self.qemu_version()
         if vm.alive:
-            try:
-                out["status"] = await (await self._ready(vm)).status()
-            except BackendError as exc:
-                out["status"] = f"unknown ({exc})"
+            try:  # a read never waits on the VMM longer than VMM_READ_BOUND_S
+                out["status"] = await asyncio.wait_for(self._status(vm), VMM_READ_BOUND_S)
+            except (TimeoutError, BackendError) as exc:
+                out["status"] = UNRESPONSIVE
+                silent = f"no answer over QMP within {VMM_READ_BOUND_S:g}s"
+                out["status_detail"] = silent if isinstance(exc, TimeoutError) else describe(exc)
         else:
             out["status"] = "exited"
         if vm.exit_reason:
@@ -691,6 +700,12 @@ class QemuBackend:
         if self.accel.last_detail:
             out["accel_probe"] = self.accel.last_detail
         return out
+
+    async def _status(self, vm: _Vm) -> str:
+        return await (await self._ready(vm)).status(timeout=VMM_READ_BOUND_S)
+
+    async def _blockstats(self, vm: _Vm) -> Any:
+        return await (await self._ready(vm)).execute("query-blockstats", timeout=VMM_READ_BOUND_S)
 
     async def metrics(self, vm_id: str) -> VmMetrics:
         vm = self._vms.get(vm_id)
@@ -706,9 +721,12 @@ class QemuBackend:
             return metrics
         read_network(metrics, vm.handle.pid, vm.tap)
         try:
-            apply_blockstats(metrics, await (await self._ready(vm)).execute("query-blockstats"))
+            stats = await asyncio.wait_for(self._blockstats(vm), VMM_READ_BOUND_S)
+            apply_blockstats(metrics, stats)
+        except TimeoutError:
+            metrics.notes["storage"] = f"VMM {UNRESPONSIVE}: no answer over QMP within {VMM_READ_BOUND_S:g}s"
         except BackendError as exc:
-            metrics.notes["storage"] = str(exc)
+            metrics.notes["storage"] = describe(exc)
         metrics.measured = True
         return metrics
 
