@@ -108,6 +108,9 @@ async def run(settings: Settings) -> None:
     daemon = await build(settings, tls)
     with daemon.tracing.span("metald.reconcile") if daemon.tracing else contextlib.nullcontext():
         report = await daemon.engine.start()
+    warm_up = getattr(daemon.engine.backend, "warm_up", None)
+    if warm_up is not None:  # e.g. QEMU's KVM probe, in the background: VMs use TCG until it answers
+        await warm_up()
     if daemon.orphans is not None:
         daemon.orphans.found(report.orphans)
     if daemon.metrics is not None:

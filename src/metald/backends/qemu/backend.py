@@ -135,6 +135,27 @@ class QemuBackend:
             self._version = match.group(1)
         return self._version
 
+    async def warm_up(self) -> None:
+        """Start the KVM probe for the bundled image in the background (``qemu_accel=auto``)."""
+        image = self.settings.image_dir
+        kernel, initrd, cmdline = image / "vmlinuz", image / "initramfs.cpio.gz", image / "cmdline"
+        if self.settings.qemu_accel != "auto" or not kernel.is_file():
+            return
+        run_dir = self.settings.run_dir / "accel-probe"
+        spec = BootSpec(
+            vm_id="accel-probe",
+            vcpu_count=1,
+            memory_bytes=128 << 20,
+            kernel_path=kernel,
+            initrd_path=initrd if initrd.is_file() else None,
+            kernel_args=cmdline.read_text().strip() if cmdline.is_file() else "console=ttyS0",
+            drives=(),
+            network=None,
+            run_dir=run_dir,
+            console_log=run_dir / "console.log",
+        )
+        await self.accel.warm_up(spec)
+
     async def ping(self) -> tuple[bool, str]:
         try:
             version = await self.qemu_version()
