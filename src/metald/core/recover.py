@@ -93,7 +93,7 @@ def parse_qemu(vm_id: str, argv: list[str]) -> tuple[VmDraft, str, str | None, s
         console_enabled=any(c.startswith("file,") for c in _args(argv, "-chardev")),
         metadata=(),
     )
-    return draft, _one(argv, "-accel") or "tcg", tap, mac, ip_arg
+    return draft, (_one(argv, "-accel") or "tcg").split(",")[0], tap, mac, ip_arg
 
 
 def _network(settings: Settings, vm_id: str, tap: str, mac: str | None, ip_arg: str | None) -> NetworkAllocation:

@@ -181,6 +181,7 @@ class QemuBackend:
             binary=self.settings.qemu_binary,
             accel=accel,
             extra_kernel_args=tuple(extra),
+            tcg_tb_size_mib=self.settings.qemu_tcg_tb_size_mib,
             sandbox=self.jailer is None,  # the jail adds its own -sandbox (see jailer/qemu.py)
         )
         argv = build_argv(spec, options)
