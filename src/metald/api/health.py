@@ -10,6 +10,7 @@ from typing import Any
 from metald import __version__
 
 Check = Callable[[], Awaitable[tuple[bool, str]]]
+CHECK_TIMEOUT_S = 2.0
 
 
 class Health:
@@ -25,9 +26,11 @@ class Health:
 
         async def run(name: str, check: Check) -> None:
             try:
-                ok, detail = await asyncio.wait_for(check(), timeout=2.0)
+                ok, detail = await asyncio.wait_for(check(), timeout=CHECK_TIMEOUT_S)
+            except TimeoutError:
+                ok, detail = False, f"no answer within {CHECK_TIMEOUT_S:g}s"
             except Exception as exc:  # a failing check is a finding, not a crash
-                ok, detail = False, f"{type(exc).__name__}: {exc}"
+                ok, detail = False, f"{type(exc).__name__}: {exc}" if str(exc).strip() else type(exc).__name__
             results[name] = {"ok": ok, "detail": detail}
 
         await asyncio.gather(*(run(n, c) for n, c in self.checks.items()))
