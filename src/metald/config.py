@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     qemu_accel: Literal["auto", "kvm", "tcg"] = Field(
         "auto", description="auto uses KVM only after a test boot succeeds"
     )
+    qemu_tcg_tb_size_mib: int = Field(
+        16, ge=0, le=4096,
+        description="TCG translation buffer per VM in MiB (-accel tcg,tb-size=N); 0: QEMU's default (1 GiB)",
+    )
     console_log_max_bytes: int = Field(
         1 << 20, ge=4096, description="Cap of each VM's console log, VMM stderr and Firecracker metrics file"
     )

@@ -12,16 +12,19 @@ from typing import TYPE_CHECKING
 
 from metald.api.app import MetaldApp
 from metald.api.events import EventServiceImpl, StreamingApp
-from metald.api.health import Health
+from metald.api.health import Check, Health
 from metald.api.server import ApiServer, ServerOptions
 from metald.api.service import VmServiceImpl
 from metald.api.tls import ServerTls, open_tls
 from metald.backends.factory import make_backend
 from metald.config import Settings
 from metald.core.engine import VmEngine
+from metald.core.orphans import OrphanWatch
 from metald.core.ports import Network
 from metald.limits import raise_nofile_limit
 from metald.store.sqlite import Store
+from metald.store.storage import StorageMonitor, open_store
+from metald.store.storage import install as install_storage_monitor
 from metald.streams.hub import EventHub
 from metald.streams.workload import WorkloadWatcher
 
@@ -43,6 +46,7 @@ class Daemon:
     hub: EventHub
     metrics: Metrics | None = None  # set when UNKEY_METALD_OTEL_ENABLED
     tracing: Tracing | None = None
+    orphans: OrphanWatch | None = None  # VMs found with no record at start (health check)
 
 
 def bind_address(settings: Settings) -> str:
@@ -65,7 +69,9 @@ def bind_address(settings: Settings) -> str:
 
 
 async def build(settings: Settings, tls: ServerTls | None = None) -> Daemon:
-    store = Store(settings.db_path)
+    store = open_store(settings.db_path)  # StoreOpenError: one line, no traceback
+    storage_monitor = StorageMonitor(settings.data_dir)
+    install_storage_monitor(storage_monitor)
     backend = await make_backend(settings)
     network: Network | None = None
     if settings.network_enabled:
@@ -86,20 +92,20 @@ async def build(settings: Settings, tls: ServerTls | None = None) -> Daemon:
         tracing.attach(engine)
 
     async def store_check() -> tuple[bool, str]:
-        store.ping()
-        return True, f"sqlite schema v{store.schema_version}"
+        return await storage_monitor.check(store)
 
-    checks = {"store": store_check, "backend": backend.ping}
+    orphan_watch = OrphanWatch(settings, store)
+    checks: dict[str, Check] = {"store": store_check, "backend": backend.ping, "orphans": orphan_watch.check}
     if network is not None:
         checks["network"] = network.check
-    health = Health(checks, backend.name)
+    health = Health(checks, backend.name, advisory=frozenset({"orphans"}))
     peer_identity = tls.peer_identity if tls is not None else None  # with TLS: the client certificate's SPIFFE ID
     hub = EventHub(store, settings)
     events = StreamingApp(EventServiceImpl(hub, settings), settings.max_request_bytes)
     app = MetaldApp(
         VmServiceImpl(engine, settings), health, settings.max_request_bytes, peer_identity=peer_identity, events=events
     )
-    return Daemon(settings, store, engine, app, hub, metrics, tracing)
+    return Daemon(settings, store, engine, app, hub, metrics, tracing, orphan_watch)
 
 
 async def run(settings: Settings) -> None:
@@ -111,6 +117,11 @@ async def run(settings: Settings) -> None:
     await daemon.hub.start()  # before reconcile: its events reach followers who connect early
     with daemon.tracing.span("metald.reconcile") if daemon.tracing else contextlib.nullcontext():
         report = await daemon.engine.start()
+    warm_up = getattr(daemon.engine.backend, "warm_up", None)
+    if warm_up is not None:  # e.g. QEMU's KVM probe, in the background: VMs use TCG until it answers
+        await warm_up()
+    if daemon.orphans is not None:
+        daemon.orphans.found(report.orphans)
     if daemon.metrics is not None:
         daemon.metrics.record_reconcile(report)
     log.info("metald ready", extra={"port": settings.port, "adopted": len(report.adopted)})

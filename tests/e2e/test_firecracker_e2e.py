@@ -331,19 +331,28 @@ def test_leftover_jails_are_swept_at_start(tmp_path: Path, jailed: Jailed) -> No
     pid = _vmm_pid(d, vm)
     d.kill()  # metald dies; its jailed Firecracker goes on
     assert Path(f"/proc/{pid}").exists()
-    # forget the VM (as if its record were lost): the next start sweeps its jail and cgroup
+    # forget the VM (as if its record were lost): its running VMM is an orphan, never swept
     import sqlite3
 
     with sqlite3.connect(d.data_dir / "metald.db") as db:
         db.execute("DELETE FROM vms WHERE vm_id = ?", (vm,))
     d.start()
+    assert Path(f"/proc/{pid}").exists() and jailed.jail_dir(vm).exists()
+    assert vm in d.http.get(d.url + "/_/health").json()["checks"]["orphans"]["detail"]
+    # `metald cleanup --force` removes it: the VMM, its jail and its cgroup
+    import subprocess
+
+    from tests.support.daemon import METALD
+
+    out = subprocess.run([*METALD, "cleanup", "--force"], env=d.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
     deadline = time.monotonic() + 10
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not Path(f"/proc/{pid}").exists()  # killed with its cgroup
+    assert not Path(f"/proc/{pid}").exists()
     assert not jailed.jail_dir(vm).exists()
     assert not any(p.exists() for p in _cgroup_dirs(jailed.daemon.cgroup_parent, vm))
-    assert "jail fcj-left" in d.log.read_text()
+    assert f"jail {vm}" in out.stdout or vm in out.stdout
 
 
 # --- a real guest through the double (jailer off) -------------------------------------------------------

@@ -371,3 +371,42 @@ async def test_sweep_leftovers(env: Env, busybox: Path) -> None:
     assert_gone(stale)
     assert proc.wait(timeout=10) == -signal.SIGKILL
     assert keep.root.is_dir() and all(d.is_dir() for d in keep.cgroup.dirs)
+
+
+def _join(proc: subprocess.Popen[bytes], jail: Jail) -> None:
+    for directory in jail.cgroup.dirs:
+        (directory / "cgroup.procs").write_text(str(proc.pid))
+
+
+async def test_foreign_process_in_a_vm_cgroup_is_never_killed(env: Env, busybox: Path) -> None:
+    """A process that is not this VM's VMM (e.g. another daemon's QEMU put in the same
+    cgroup) survives cleanup and the sweep; the cgroup stays and the error says why."""
+    jail = env.new_jail("qemu")
+    await prepare(env, jail, env.spec(jail))
+    foreign = env.spawn([str(busybox), "sleep", "60"])
+    _join(foreign, jail)
+    # and a VMM of this VM, launched into its jail: that one may be killed
+    own = env.spawn(env.jailer.launch_argv(jail, [str(busybox), "sleep", "60"], None, True, False))
+    wait_for(lambda: own.pid in cg.procs(jail.cgroup.dirs[0]), what="own VMM in cgroup")
+    with pytest.raises(cg.ForeignProcesses, match=rf"\[{foreign.pid}\] that are not this VM's VMM"):
+        await env.jailer.cleanup(jail)
+    assert own.wait(timeout=10) == -signal.SIGKILL
+    assert foreign.poll() is None and all(d.is_dir() for d in jail.cgroup.dirs)
+    assert jail.vm_id not in await env.jailer.sweep_leftovers(set())
+    assert foreign.poll() is None and all(d.is_dir() for d in jail.cgroup.dirs)
+    foreign.kill()
+    foreign.wait()
+    await env.jailer.cleanup(jail)
+    assert_gone(jail)
+
+
+async def test_check_settings_keeps_a_given_hierarchy(env: Env) -> None:
+    """A Jailer given its cgroup hierarchy keeps it (and its parent) after check_settings()."""
+    fs = env.jailer.cgroup_fs
+    assert fs.parent.startswith("metald/test-")
+    env.jailer.check_settings()
+    assert env.jailer.cgroup_fs is fs
+    detected = Jailer(Settings(jailer_cgroup_parent="metald-x", jailer_uid=UID, jailer_gid=GID))
+    detected.check_settings()
+    assert detected.cgroup_fs.parent == "metald-x"
+    assert detected.jail_for("qemu", "v1").cgroup.dirs[0].parent.name == "metald-x"

@@ -30,5 +30,11 @@ def to_connect(exc: BaseException) -> ConnectError:
     for kind, code in _CODES:
         if isinstance(exc, kind):
             return ConnectError(code, str(exc))
+    from metald.store.storage import translate
+
+    storage = translate(exc)  # full, read-only or failing storage: unavailable, and say so
+    if storage is not None:
+        log.warning("%s", storage)
+        return ConnectError(Code.UNAVAILABLE, str(storage))
     log.exception("internal error", exc_info=exc)
     return ConnectError(Code.INTERNAL, f"internal error: {type(exc).__name__}")

@@ -100,6 +100,12 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return asyncio.run(cleanup(_settings_or_exit(), args))
 
 
+def cmd_recover_adopt(args: argparse.Namespace) -> int:
+    from metald.cli.recover import adopt
+
+    return adopt(_settings_or_exit(), args)
+
+
 # --- client ------------------------------------------------------------------
 def _client(args: argparse.Namespace) -> Any:
     from metald.gen.metal.vmprovisioner.v1.vm_connect import VmServiceClientSync
@@ -274,7 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cleanup", help="remove leftovers; the host setup too when no VM remains")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--force", action="store_true",
+                   help="also kill and remove VMs running with no record in the store (orphans)")
     p.set_defaults(func=cmd_cleanup)
+    p = sub.add_parser("recover", help="take VMs running with no record in the store back into it")
+    rsub = p.add_subparsers(dest="recover_command", required=True)
+    p = rsub.add_parser("adopt", help="write orphan VMs into the store from their VMM and namespace")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_recover_adopt)
     p = sub.add_parser("doctor", help="check the host's prerequisites")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=lambda a: __import__("metald.cli.doctor", fromlist=["main"]).main(a))
@@ -348,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         from connectrpc.errors import ConnectError
 

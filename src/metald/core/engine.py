@@ -651,9 +651,8 @@ class VmEngine(ReconcileMixin):
 
     # --- reads ---------------------------------------------------------------
     async def get(self, vm_id: str) -> VmView:
-        if vm_id in self._unsettled:
-            async with self._lock(vm_id):
-                await self._settle(vm_id)
+        if vm_id in self._unsettled:  # attach the adopted VMM, but never wait on it long (core.bounds)
+            await self._settle_briefly(vm_id)
         row = self._row(vm_id)
         alloc = self._alloc(row)
         metrics = VmMetrics()

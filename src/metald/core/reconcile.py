@@ -14,6 +14,8 @@ import os
 import shutil
 import time
 
+from metald.core import orphans
+from metald.core.bounds import UNRESPONSIVE, VMM_READ_BOUND_S
 from metald.core.errors import (
     StepFailed,
 )
@@ -87,12 +89,17 @@ class ReconcileMixin:
 
             await asyncio.gather(*(one(row) for row in rows))
             known = {row.vm_id for row in self.store.all_vms()}
-            if self.network is not None:
-                report.leftovers_removed = await self.network.sweep_leftovers(known)
-            sweep = getattr(self.backend, "sweep_leftovers", None)
-            if sweep is not None:
-                report.leftovers_removed += [i if " " in i else f"jail {i}" for i in await sweep(known)]
-            report.leftovers_removed += await asyncio.to_thread(self._sweep_run_dirs, known)
+            found = await asyncio.to_thread(orphans.scan, self.settings, known, orphans.store_is_empty(self.store))
+            report.orphans = found.ids
+            if found:  # a lost or replaced store: never sweep (see metald.core.orphans)
+                log.error("%s", found.summary(), extra={"orphans": found.ids})
+            else:
+                if self.network is not None:
+                    report.leftovers_removed = await self.network.sweep_leftovers(known)
+                sweep = getattr(self.backend, "sweep_leftovers", None)
+                if sweep is not None:
+                    report.leftovers_removed += [i if " " in i else f"jail {i}" for i in await sweep(known)]
+                report.leftovers_removed += await asyncio.to_thread(self._sweep_run_dirs, known)
             for item in report.leftovers_removed:
                 log.warning("removed leftover %s", item)
                 self.store.add_event("", "leftover", "removed", item)
@@ -107,6 +114,7 @@ class ReconcileMixin:
                 "rolled_back": len(report.rolled_back),
                 "completed": len(report.completed),
                 "leftovers_removed": len(report.leftovers_removed),
+                "orphans": len(report.orphans),
                 "qmp_pending": len(self._unsettled),
                 "seconds": round(report.seconds, 3),
             },
@@ -168,6 +176,20 @@ class ReconcileMixin:
         if self._settling is not None:
             await asyncio.shield(self._settling)
 
+    async def _settle_briefly(self, vm_id: str) -> None:
+        """:meth:`_settle` for a read: wait at most VMM_READ_BOUND_S (it goes on in the background)."""
+
+        async def settle() -> None:
+            async with self._lock(vm_id):
+                await self._settle(vm_id)
+
+        task = asyncio.get_running_loop().create_task(settle())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged by _settle's callers
+        with contextlib.suppress(Exception):  # TimeoutError included: the read goes on without it
+            await asyncio.wait_for(asyncio.shield(task), VMM_READ_BOUND_S)
+
     async def _settle(self, vm_id: str) -> bool | None:
         """Finish the adoption of a VMM adopted on identity (the caller holds the VM's
         lock): attach its control socket and record the VMM's run state; if the
@@ -183,6 +205,13 @@ class ReconcileMixin:
         if attach is None or await attach(vm_id):
             await self._sync_run_state(vm_id)
             return True
+        if self.backend.is_running(vm_id):
+            # alive (its identity proven) but silent, e.g. stopped by SIGSTOP: keep it, never kill it;
+            # reads report it unresponsive and the next operation tries to attach again
+            why = self._why_not_adopted(vm_id)
+            self.store.add_event(vm_id, "reconcile", UNRESPONSIVE, why)
+            log.warning("adopted VMM is alive but %s: kept as it is: %s", UNRESPONSIVE, why)
+            return None
         reason = f"VMM exited while metald was not running ({self._why_not_adopted(vm_id)})"
         await self._discard_vmm(vm_id, kill_strays=False)
         self._record_stopped(row, reason)

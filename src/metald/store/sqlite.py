@@ -231,6 +231,8 @@ class Store:
                 self._db.execute("COMMIT")
             except BaseException:
                 self._memory_total = None
+                if self._db.in_transaction:  # e.g. disk full: end it, or every later write fails
+                    self._db.execute("ROLLBACK")
                 raise
             finally:
                 appended, self._appended = self._appended, False

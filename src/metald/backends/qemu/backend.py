@@ -34,6 +34,7 @@ from metald.backends.qemu.metrics import CpuSample, apply_blockstats, read_netwo
 from metald.backends.qemu.qmp import QmpSession, describe_shutdown
 from metald.backends.qemu.validate import validate_spec
 from metald.config import Settings
+from metald.core.bounds import UNRESPONSIVE, VMM_READ_BOUND_S, describe
 from metald.core.errors import BackendError
 from metald.core.models import BootSpec, VmMetrics
 from metald.core.plan import Plan
@@ -136,6 +137,27 @@ class QemuBackend:
             self._version = match.group(1)
         return self._version
 
+    async def warm_up(self) -> None:
+        """Start the KVM probe for the bundled image in the background (``qemu_accel=auto``)."""
+        image = self.settings.image_dir
+        kernel, initrd, cmdline = image / "vmlinuz", image / "initramfs.cpio.gz", image / "cmdline"
+        if self.settings.qemu_accel != "auto" or not kernel.is_file():
+            return
+        run_dir = self.settings.run_dir / "accel-probe"
+        spec = BootSpec(
+            vm_id="accel-probe",
+            vcpu_count=1,
+            memory_bytes=128 << 20,
+            kernel_path=kernel,
+            initrd_path=initrd if initrd.is_file() else None,
+            kernel_args=cmdline.read_text().strip() if cmdline.is_file() else "console=ttyS0",
+            drives=(),
+            network=None,
+            run_dir=run_dir,
+            console_log=run_dir / "console.log",
+        )
+        await self.accel.warm_up(spec)
+
     async def ping(self) -> tuple[bool, str]:
         try:
             version = await self.qemu_version()
@@ -162,6 +184,7 @@ class QemuBackend:
             binary=self.settings.qemu_binary,
             accel=accel,
             extra_kernel_args=tuple(extra),
+            tcg_tb_size_mib=self.settings.qemu_tcg_tb_size_mib,
             sandbox=self.jailer is None,  # the jail adds its own -sandbox (see jailer/qemu.py)
         )
         argv = build_argv(spec, options)
@@ -204,7 +227,10 @@ class QemuBackend:
         # as it is, so a failed boot leaves it exactly as it was. Anything else
         # (half made, or with processes left in its cgroup) is made afresh.
         if not await asyncio.to_thread(_jail_ready, jail.root, jail.cgroup.dirs):
-            await self.jailer.cleanup(jail)
+            try:
+                await self.jailer.cleanup(jail)
+            except OSError as exc:  # e.g. a process that is not this VM's VMM in its cgroup
+                raise BackendError(f"cannot prepare the jail of {spec.vm_id}: {exc}") from exc
             await self._prepare_jail(spec, accel)
         argv = [*argv, *qemu_confinement_args(jail)]
         netns = spec.network.namespace if spec.network is not None else None
@@ -316,8 +342,8 @@ class QemuBackend:
                 continue
             try:
                 await self._remove_jail(vm_id)
-            except OSError:
-                log.exception("could not remove leftover jail", extra={"vm_id": vm_id})
+            except OSError as exc:  # e.g. a process in its cgroup that is not its VMM: left alone
+                log.warning("could not remove leftover jail of %s: %s", vm_id, exc)
                 continue
             removed.append(f"jail {vm_id}")
         return removed
@@ -439,7 +465,8 @@ class QemuBackend:
         if not vm.unattached:
             return vm.qmp
         task = vm.attaching
-        if task is None:
+        if task is None or (task.done() and not task.cancelled() and task.exception() is not None and vm.alive):
+            # first use, or the last attempt failed while the VMM lives on (e.g. it was stopped): try again
             task = vm.attaching = asyncio.get_running_loop().create_task(self._attach(vm))
         try:
             await asyncio.shield(task)
@@ -453,7 +480,7 @@ class QemuBackend:
         try:
             await vm.qmp.connect(QMP_CONNECT_TIMEOUT_S, lambda: vm.alive)
         except Exception as exc:
-            why = f"QMP of pid {vm.handle.pid} did not answer: {exc}"
+            why = f"QMP of pid {vm.handle.pid} did not answer: {describe(exc)}"
             self._adopt_errors[vm.vm_id] = why
             log.warning("qemu %s: adopted pid %d but QMP failed: %s", vm.vm_id, vm.handle.pid, exc)
             raise BackendError(why) from None
@@ -520,7 +547,7 @@ class QemuBackend:
             await self._wait_finished(vm)
             return vm.exit_reason or "killed"
         if not force and not await self._power_button(vm, timeout_s):
-            vm.failure = f"guest ignored the power button for {timeout_s:g}s; stopped by QEMU"
+            vm.failure = f"guest did not power off within {timeout_s:g}s (or its VMM did not answer); stopped"
             force = True
         if force:
             await self._force_stop(vm)
@@ -537,9 +564,14 @@ class QemuBackend:
         deadline = loop.time() + max(0.0, timeout_s)
         while True:
             try:
-                if await vm.qmp.status() == "paused":
-                    await vm.qmp.execute("cont")  # a paused guest cannot see the button
-                await vm.qmp.execute("system_powerdown")
+                status = await vm.qmp.status(timeout=VMM_READ_BOUND_S)
+            except BackendError as exc:  # a stopped or wedged VMM cannot hear the button either
+                log.warning("qemu %s: %s; not waiting for the guest: %s", vm.vm_id, UNRESPONSIVE, exc)
+                return False
+            try:
+                if status == "paused":
+                    await vm.qmp.execute("cont", timeout=VMM_READ_BOUND_S)  # a paused guest cannot see the button
+                await vm.qmp.execute("system_powerdown", timeout=VMM_READ_BOUND_S)
             except BackendError as exc:
                 log.warning("qemu %s: power button press failed: %s", vm.vm_id, exc)
             remaining = deadline - loop.time()
@@ -682,10 +714,12 @@ class QemuBackend:
         with contextlib.suppress(BackendError):
             out["qemu_version"] = await self.qemu_version()
         if vm.alive:
-            try:
-                out["status"] = await (await self._ready(vm)).status()
-            except BackendError as exc:
-                out["status"] = f"unknown ({exc})"
+            try:  # a read never waits on the VMM longer than VMM_READ_BOUND_S
+                out["status"] = await asyncio.wait_for(self._status(vm), VMM_READ_BOUND_S)
+            except (TimeoutError, BackendError) as exc:
+                out["status"] = UNRESPONSIVE
+                silent = f"no answer over QMP within {VMM_READ_BOUND_S:g}s"
+                out["status_detail"] = silent if isinstance(exc, TimeoutError) else describe(exc)
         else:
             out["status"] = "exited"
         if vm.exit_reason:
@@ -693,6 +727,12 @@ class QemuBackend:
         if self.accel.last_detail:
             out["accel_probe"] = self.accel.last_detail
         return out
+
+    async def _status(self, vm: _Vm) -> str:
+        return await (await self._ready(vm)).status(timeout=VMM_READ_BOUND_S)
+
+    async def _blockstats(self, vm: _Vm) -> Any:
+        return await (await self._ready(vm)).execute("query-blockstats", timeout=VMM_READ_BOUND_S)
 
     async def metrics(self, vm_id: str) -> VmMetrics:
         vm = self._vms.get(vm_id)
@@ -708,9 +748,12 @@ class QemuBackend:
             return metrics
         read_network(metrics, vm.handle.pid, vm.tap)
         try:
-            apply_blockstats(metrics, await (await self._ready(vm)).execute("query-blockstats"))
+            stats = await asyncio.wait_for(self._blockstats(vm), VMM_READ_BOUND_S)
+            apply_blockstats(metrics, stats)
+        except TimeoutError:
+            metrics.notes["storage"] = f"VMM {UNRESPONSIVE}: no answer over QMP within {VMM_READ_BOUND_S:g}s"
         except BackendError as exc:
-            metrics.notes["storage"] = str(exc)
+            metrics.notes["storage"] = describe(exc)
         metrics.measured = True
         return metrics
 
