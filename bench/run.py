@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -54,7 +55,19 @@ SUITE = [
     ("connections", "bench.connections", ["connections"], 900),
     ("e2e", "bench.e2e_network", ["e2e_network"], 1800),
     ("images", "bench.images", ["images"], 1500),
+    # these write their own marked sections of RESULTS.md (kept by keep_sections)
+    ("snapshots", "bench.snapshots", [], 1800),
+    ("events", "bench.events", [], 1200),
 ]
+
+SECTION = re.compile(r"<!-- (?P<name>[a-z_]+):begin -->.*?<!-- (?P=name):end -->\n?", re.S)
+
+
+def keep_sections(new: str, old: str) -> str:
+    """Append the marked sections that modules write themselves (``<!-- NAME:begin -->``) to the
+    rendered results, so regenerating the figures never drops them."""
+    kept = [m.group(0).rstrip("\n") for m in SECTION.finditer(old)]
+    return new.rstrip("\n") + "".join("\n\n" + k for k in kept) + "\n"
 
 TRANSPORT = """\
 **The API server, hypercorn 0.18 → h2corn 2.0** (docs/api.md, "Transport"). Figure 4's GetVmInfo rows,
@@ -341,7 +354,8 @@ def main() -> None:
     if ADOPTION.exists() and (not only or "adoption" in only):
         print("bench: adoption (bench/adoption.py) ...", flush=True)
         runs.append(run_adoption(env))
-    RESULTS.write_text(render(info, runs, started, quick))
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    RESULTS.write_text(keep_sections(render(info, runs, started, quick), old))
     print(f"bench: wrote {RESULTS.relative_to(ROOT)}")
     sys.exit(1 if any(r["rc"] != 0 for r in runs) else 0)
 
