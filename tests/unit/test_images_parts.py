@@ -218,3 +218,22 @@ def test_prepare_boots_the_bundled_kernel_through_metald_init(tmp_path: Path) ->
     # the caller's own kernel mounts the disk itself and starts metald-init
     own = asyncio.run(images.prepare("vm", VmDraft(**{**draft.__dict__, "initrd_path": None}), "qemu", run_dir))
     assert own.initrd_path is None and "root=/dev/vda rw init=/.metald/init" in own.kernel_args
+
+
+@pytest.mark.parametrize(
+    ("stderr", "code"),
+    [
+        # a registry port that contains "403" is not an HTTP status: the TLS failure decides
+        ('pinging container registry 127.0.0.1:40331: Get "https://127.0.0.1:40331/v2/": '
+         "x509: certificate signed by unknown authority", "unavailable"),
+        ("reading manifest 1 in 127.0.0.1:5000/web: received unexpected HTTP status: 401", "permission_denied"),
+        ("reading manifest 1 in 127.0.0.1:40401/web: manifest unknown", "not_found"),
+        ("127.0.0.1:40404/v2/: received unexpected HTTP status: 404 Not Found", "not_found"),
+    ],
+)
+def test_skopeo_failures_map_to_codes_whatever_the_port(stderr: str, code: str) -> None:
+    from metald.images.registry import translate
+    from metald.images.tools import ToolFailed
+
+    ref = parse("127.0.0.1:40331/team/web:1")
+    assert translate(ToolFailed(["skopeo"], 1, stderr), ref, "docker_image").code == code

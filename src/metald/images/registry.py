@@ -23,8 +23,10 @@ INDEX_TYPES = {
 }
 OS, ARCH = "linux", "amd64"
 
-_NOT_FOUND = ("manifest unknown", "name unknown", "not found", "404")
-_DENIED = ("unauthorized", "authentication required", "denied", "401", "403")
+_NOT_FOUND = ("manifest unknown", "name unknown", "not found")
+_DENIED = ("unauthorized", "authentication required", "denied")
+# an HTTP status in skopeo's text, never part of a port or an address ("127.0.0.1:40331")
+_STATUS = re.compile(r"(?<![\d.:])(40[134])(?!\d)")
 _DIGEST = ("digest did not match", "digest mismatch", "does not match digest")
 _UNREACHABLE = (
     "connection refused",
@@ -69,11 +71,12 @@ def translate(exc: ToolFailed, ref: ImageRef, field: str) -> MetaldError:
     text = exc.stderr.lower()
     msg = exc.stderr.strip().splitlines()[-1] if exc.stderr.strip() else str(exc)
     msg = re.sub(r'^time="[^"]*" level=\w+ msg="(.*)"$', r"\1", msg)[:500]
+    statuses = set(_STATUS.findall(text))
     if any(s in text for s in _DIGEST):
         return InvalidArgument(field, f"image {ref}: a blob does not match its digest: {msg}")
-    if any(s in text for s in _NOT_FOUND):
+    if any(s in text for s in _NOT_FOUND) or "404" in statuses:
         return NotFound(f"image {ref} not found: {msg}")
-    if any(s in text for s in _DENIED):
+    if any(s in text for s in _DENIED) or statuses & {"401", "403"}:
         return PermissionDenied(f"registry {ref.registry} refused access to {ref}: {msg}")
     if any(s in text for s in _UNREACHABLE):
         return Unavailable(f"registry {ref.registry} cannot be reached: {msg}")
