@@ -404,7 +404,8 @@ class QemuSnapshots:
         def hook(argv: list[str]) -> list[str]:
             out = list(argv)
             accel = out[out.index("-accel") + 1]
-            if accel != manifest.accel:
+            # the accelerator must match; its options (tcg's tb-size) do not matter for the state
+            if accel.split(",")[0] != manifest.accel.split(",")[0]:
                 raise FailedPrecondition(
                     f"the snapshot was taken under {manifest.accel}, this host runs guests under {accel}"
                 )
