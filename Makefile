@@ -4,9 +4,13 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 GEN := src/metald/gen
-PROTO := proto/metal/vmprovisioner/v1/vm.proto
+PROTO := $(sort $(wildcard proto/metal/vmprovisioner/v1/*.proto))
+# standard gRPC services metald also serves (health checking, server reflection)
+STD_PROTOS := proto/grpc/health/v1/health.proto proto/grpc/reflection/v1/reflection.proto \
+	proto/grpc/reflection/v1alpha/reflection.proto
 IMAGE_DIR ?= $(CURDIR)/build/image
-DEBIAN_PACKAGES := qemu-system-x86 busybox-static nftables iptables iproute2 kmod cpio e2fsprogs curl jq gcc libc6-dev
+DEBIAN_PACKAGES := qemu-system-x86 qemu-utils busybox-static nftables iptables iproute2 kmod cpio e2fsprogs curl jq gcc \
+	libc6-dev nodejs skopeo umoci docker-registry
 export UNKEY_METALD_IMAGE_DIR ?= $(IMAGE_DIR)
 
 .PHONY: help deps venv gen dev image run demo test test-unit lint bench clean install uninstall \
@@ -16,11 +20,17 @@ export UNKEY_METALD_IMAGE_DIR ?= $(IMAGE_DIR)
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
+# docker-registry is for the tests only (they start their own on loopback): its service is disabled.
 deps: ## Install the Debian packages metald and its tests use
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $$missing >/dev/null; fi
+	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $$missing >/dev/null; \
+	  case " $$missing " in *" docker-registry "*) \
+	    systemctl disable --now docker-registry >/dev/null 2>&1 || true;; esac; fi
+	@# npm (the interoperability tests install the Connect client for Node with it); some nodejs builds bundle it
+	@command -v npm >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq npm >/dev/null; }
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,21 +41,24 @@ $(BIN)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-gen: $(GEN)/.stamp ## Generate protobuf and ConnectRPC code from the proto
-$(GEN)/.stamp: $(PROTO) $(BIN)/.installed
+gen: $(GEN)/.stamp ## Generate protobuf and ConnectRPC code from every .proto in proto/metal/vmprovisioner/v1
+$(GEN)/.stamp: $(PROTO) $(STD_PROTOS) $(BIN)/.installed
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN) --pyi_out=$(GEN) \
 	  --grpc_python_out=$(GEN) \
 	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
 	  --connectrpc_out=$(GEN) --connectrpc_opt=protobuf=google $(PROTO)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN) --pyi_out=$(GEN) \
+	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
+	  --connectrpc_out=$(GEN) --connectrpc_opt=protobuf=google $(STD_PROTOS)
 	find $(GEN) -type d -exec touch {}/__init__.py \;
-	sed -i 's/^from metal\.vmprovisioner\.v1 import/from metald.gen.metal.vmprovisioner.v1 import/' $(GEN)/metal/vmprovisioner/v1/vm_pb2_grpc.py
+	sed -i 's/^from metal\.vmprovisioner\.v1 import/from metald.gen.metal.vmprovisioner.v1 import/' $(GEN)/metal/vmprovisioner/v1/*.py $(GEN)/metal/vmprovisioner/v1/*.pyi
 	touch $@
 
 dev: deps venv gen ## Everything needed to run metald from this checkout
 
 image: $(IMAGE_DIR)/.stamp ## Build the bundled guest image (kernel, initramfs, rootfs)
-$(IMAGE_DIR)/.stamp: guest/build-image.sh guest/init
+$(IMAGE_DIR)/.stamp: guest/build-image.sh guest/init guest/agent.c
 	bash guest/build-image.sh $(IMAGE_DIR)
 	touch $@
 

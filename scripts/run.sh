@@ -3,7 +3,9 @@
 # VM (scripts/demo.sh), then keep serving in the foreground until Ctrl-C.
 set -euo pipefail
 METALD=$1
-"$METALD" serve &
+# metald runs in its own session: Ctrl-C reaches this script and the demo (which
+# deletes its VM through metald first), then the trap stops metald.
+setsid "$METALD" serve &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid' INT TERM
 if ! bash "$(dirname "$0")/demo.sh" "$METALD"; then

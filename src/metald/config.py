@@ -57,6 +57,34 @@ class Settings(BaseSettings):
         description="Colon-separated directories VM kernels, initrds and drives may "
         "come from (the image dir is always allowed)",
     )
+    # --- container images (docs/images.md) -----------------------------------
+    image_cache_dir: Path = Field(
+        Path("/opt/metald/data/images"),
+        description="Container images converted to root filesystems, by manifest digest",
+    )
+    image_cache_bytes: int = Field(
+        20 << 30,
+        ge=0,
+        description="Size bound of the image cache; least recently used images no VM uses are evicted",
+    )
+    image_max_bytes: int = Field(
+        4 << 30,
+        ge=1 << 20,
+        description="Largest container image accepted (compressed layers and unpacked content, each)",
+    )
+    image_pull_timeout_seconds: float = Field(
+        600.0, gt=0, le=86400, description="Pull and conversion of one image must finish within this"
+    )
+    image_concurrent_pulls: int = Field(2, ge=1, le=64, description="Images pulled and converted at once")
+    registry_auth_file: Path | None = Field(
+        None, description="Docker-style auth file (config.json / auth.json) with registry credentials"
+    )
+    insecure_registries: str = Field(
+        "", description="Comma-separated host:port registries reached over plain HTTP (no TLS)"
+    )
+    registry_ca_file: Path | None = Field(
+        None, description="Extra CA certificate (PEM) trusted for registries, besides the system CAs"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, le=600, description="How long SIGTERM waits for in-flight requests"
@@ -70,8 +98,12 @@ class Settings(BaseSettings):
     qemu_accel: Literal["auto", "kvm", "tcg"] = Field(
         "auto", description="auto uses KVM only after a test boot succeeds"
     )
+    qemu_tcg_tb_size_mib: int = Field(
+        16, ge=0, le=4096,
+        description="TCG translation buffer per VM in MiB (-accel tcg,tb-size=N); 0: QEMU's default (1 GiB)",
+    )
     console_log_max_bytes: int = Field(
-        1 << 20, ge=4096, description="Cap of each VM's console log file"
+        1 << 20, ge=4096, description="Cap of each VM's console log, VMM stderr and Firecracker metrics file"
     )
 
     # --- Firecracker backend -------------------------------------------------
@@ -106,6 +138,30 @@ class Settings(BaseSettings):
     network_allow_vm_to_vm: bool = Field(False, description="Let VMs reach each other")
     network_allow_vm_to_host: bool = Field(
         False, description="Let VMs reach metald's own ports on the host"
+    )
+
+    # --- Event and console streams (EventService) ------------------------------
+    events_retention_count: int = Field(
+        100_000, ge=100, le=100_000_000, description="Events kept in the log; older ones are pruned"
+    )
+    events_retention_seconds: int = Field(
+        7 * 86400, ge=60, description="Events older than this are pruned (whichever limit is hit first)"
+    )
+    events_subscriber_buffer: int = Field(
+        1024,
+        ge=16,
+        le=1 << 20,
+        description="Events queued per stream subscriber; one that falls further behind is cut off "
+        "(resource_exhausted) and resumes from its last sequence",
+    )
+    stream_heartbeat_seconds: float = Field(
+        15.0, gt=0, le=3600, description="An idle event or console stream gets a heartbeat this often"
+    )
+    stream_send_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A stream whose client has not taken a message for this long is closed",
     )
 
     # --- Jailer --------------------------------------------------------------
@@ -190,8 +246,9 @@ class Settings(BaseSettings):
     )
     dev_caller_header: bool = Field(
         True,
-        description="With TLS disabled, take the caller identity from the X-Metald-Caller header; "
-        "requests without it act as the local operator",
+        description="With TLS disabled, take the caller identity from the X-Metald-Caller header "
+        "(Authorization: Bearer dev_user_<id> is honoured either way); requests without either act as the "
+        "local operator",
     )
 
     @field_validator("network_bridge_ipv4")
@@ -269,6 +326,10 @@ class Settings(BaseSettings):
     def port_range(self) -> tuple[int, int]:
         low, _, high = self.network_port_range.partition("-")
         return int(low), int(high)
+
+    @property
+    def insecure_registry_list(self) -> list[str]:
+        return [r.strip() for r in self.insecure_registries.split(",") if r.strip()]
 
     @property
     def allowed_asset_dirs(self) -> list[Path]:

@@ -10,11 +10,10 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hypercorn.asyncio import serve
-from hypercorn.config import Config as HypercornConfig
-
 from metald.api.app import MetaldApp
+from metald.api.events import EventServiceImpl, StreamingApp
 from metald.api.health import Check, Health
+from metald.api.server import ApiServer, ServerOptions
 from metald.api.service import VmServiceImpl
 from metald.api.tls import ServerTls, open_tls
 from metald.backends.factory import make_backend
@@ -22,7 +21,13 @@ from metald.config import Settings
 from metald.core.engine import VmEngine
 from metald.core.ports import Network
 from metald.limits import raise_nofile_limit
+from metald.recovery import orphans
+from metald.recovery.orphans import OrphanWatch
 from metald.store.sqlite import Store
+from metald.store.storage import StorageMonitor, open_store
+from metald.store.storage import install as install_storage_monitor
+from metald.streams.hub import EventHub
+from metald.streams.workload import WorkloadWatcher
 
 if TYPE_CHECKING:
     from metald.observability.metrics import Metrics
@@ -39,8 +44,10 @@ class Daemon:
     store: Store
     engine: VmEngine
     app: MetaldApp
+    hub: EventHub
     metrics: Metrics | None = None  # set when UNKEY_METALD_OTEL_ENABLED
     tracing: Tracing | None = None
+    orphans: OrphanWatch | None = None  # VMs found with no record at start (health check)
 
 
 def bind_address(settings: Settings) -> str:
@@ -63,14 +70,21 @@ def bind_address(settings: Settings) -> str:
 
 
 async def build(settings: Settings, tls: ServerTls | None = None) -> Daemon:
-    store = Store(settings.db_path)
+    store = open_store(settings.db_path)  # StoreOpenError: one line, no traceback
+    storage_monitor = StorageMonitor(settings.data_dir)
+    install_storage_monitor(storage_monitor)
     backend = await make_backend(settings)
     network: Network | None = None
     if settings.network_enabled:
         from metald.network.manager import NetworkManager
 
         network = NetworkManager(settings, store)
-    engine = VmEngine(settings, store, backend, network)
+    from metald.images.vmdisk import VmImages
+
+    def orphan_scan(known: set[str]) -> orphans.Orphans:
+        return orphans.scan(settings, known, orphans.store_is_empty(store))
+
+    engine = VmEngine(settings, store, backend, network, images=VmImages(settings), orphan_scan=orphan_scan)
     metrics: Metrics | None = None
     tracing: Tracing | None = None
     if settings.otel_enabled:  # imported only when enabled
@@ -82,16 +96,20 @@ async def build(settings: Settings, tls: ServerTls | None = None) -> Daemon:
         tracing.attach(engine)
 
     async def store_check() -> tuple[bool, str]:
-        store.ping()
-        return True, f"sqlite schema v{store.schema_version}"
+        return await storage_monitor.check(store)
 
-    checks: dict[str, Check] = {"store": store_check, "backend": backend.ping}
+    orphan_watch = OrphanWatch(settings, store)
+    checks: dict[str, Check] = {"store": store_check, "backend": backend.ping, "orphans": orphan_watch.check}
     if network is not None:
         checks["network"] = network.check
-    health = Health(checks, backend.name)
+    health = Health(checks, backend.name, advisory=frozenset({"orphans"}))
     peer_identity = tls.peer_identity if tls is not None else None  # with TLS: the client certificate's SPIFFE ID
-    app = MetaldApp(VmServiceImpl(engine, settings), health, settings.max_request_bytes, peer_identity=peer_identity)
-    return Daemon(settings, store, engine, app, metrics, tracing)
+    hub = EventHub(store, settings)
+    events = StreamingApp(EventServiceImpl(hub, settings), settings.max_request_bytes)
+    app = MetaldApp(
+        VmServiceImpl(engine, settings), health, settings.max_request_bytes, peer_identity=peer_identity, events=events
+    )
+    return Daemon(settings, store, engine, app, hub, metrics, tracing, orphan_watch)
 
 
 async def run(settings: Settings) -> None:
@@ -100,11 +118,19 @@ async def run(settings: Settings) -> None:
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     tls = await open_tls(settings)  # TlsError: refuse to start, never plaintext instead
     daemon = await build(settings, tls)
+    await daemon.hub.start()  # before reconcile: its events reach followers who connect early
     with daemon.tracing.span("metald.reconcile") if daemon.tracing else contextlib.nullcontext():
         report = await daemon.engine.start()
+    warmer = daemon.engine.backend.warmer()
+    if warmer is not None:  # e.g. QEMU's KVM probe, in the background: VMs use TCG until it answers
+        await warmer.warm_up()
+    if daemon.orphans is not None:
+        daemon.orphans.found(report.orphans)
     if daemon.metrics is not None:
         daemon.metrics.record_reconcile(report)
     log.info("metald ready", extra={"port": settings.port, "adopted": len(report.adopted)})
+    workload = WorkloadWatcher(daemon.store, settings)  # METALD_WORKLOAD_EXIT lines on consoles
+    workload.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -112,18 +138,19 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
 
-    config = tls.hypercorn_config() if tls is not None else HypercornConfig()
-    host = f"[{address}]" if ":" in address else address
-    config.bind = [f"{host}:{settings.port}"]
-    config.graceful_timeout = settings.shutdown_grace_seconds
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
+    async def stopping() -> None:
+        await stop.wait()
+        await daemon.hub.close()  # end the open streams, or the server's graceful stop waits for them
+
+    options = ServerOptions(address, settings.port, settings.shutdown_grace_seconds)
     app = daemon.tracing.wrap(daemon.app) if daemon.tracing else daemon.app
     try:
         if daemon.metrics is not None:
             await daemon.metrics.start()
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]  # hypercorn types its ASGI app narrower than ours
+        await ApiServer(app, options, tls).serve(stopping())
     finally:
+        await workload.close()
+        await daemon.hub.close()
         log.info("stopping: VMs keep running")
         if daemon.metrics is not None:
             await daemon.metrics.stop()

@@ -331,19 +331,28 @@ def test_leftover_jails_are_swept_at_start(tmp_path: Path, jailed: Jailed) -> No
     pid = _vmm_pid(d, vm)
     d.kill()  # metald dies; its jailed Firecracker goes on
     assert Path(f"/proc/{pid}").exists()
-    # forget the VM (as if its record were lost): the next start sweeps its jail and cgroup
+    # forget the VM (as if its record were lost): its running VMM is an orphan, never swept
     import sqlite3
 
     with sqlite3.connect(d.data_dir / "metald.db") as db:
         db.execute("DELETE FROM vms WHERE vm_id = ?", (vm,))
     d.start()
+    assert Path(f"/proc/{pid}").exists() and jailed.jail_dir(vm).exists()
+    assert vm in d.http.get(d.url + "/_/health").json()["checks"]["orphans"]["detail"]
+    # `metald cleanup --force` removes it: the VMM, its jail and its cgroup
+    import subprocess
+
+    from tests.support.daemon import METALD
+
+    out = subprocess.run([*METALD, "cleanup", "--force"], env=d.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
     deadline = time.monotonic() + 10
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not Path(f"/proc/{pid}").exists()  # killed with its cgroup
+    assert not Path(f"/proc/{pid}").exists()
     assert not jailed.jail_dir(vm).exists()
     assert not any(p.exists() for p in _cgroup_dirs(jailed.daemon.cgroup_parent, vm))
-    assert "jail fcj-left" in d.log.read_text()
+    assert f"jail {vm}" in out.stdout or vm in out.stdout
 
 
 # --- a real guest through the double (jailer off) -------------------------------------------------------
@@ -403,3 +412,76 @@ def test_real_guest_through_the_double(tmp_path: Path, require_isolated: None, r
         assert "UNJAILED" in d.log.read_text()
     finally:
         d.kill()
+
+
+FC_REAL_NAME = "firecracker-v1.16.1-x86_64"
+
+
+@pytest.fixture
+def own_jailer(tmp_path: Path, require_isolated: None) -> Iterator[Jailed]:
+    """`metald serve` with UNKEY_METALD_FIRECRACKER_USE_OWN_JAILER: the jailer double runs the double."""
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    for name in ("vmlinuz", "initramfs.cpio.gz", "rootfs.ext4", "data.img"):
+        (assets / name).write_bytes(b"\0" * 65536)
+        (assets / name).chmod(0o644)
+    workspace = tmp_path / "double"
+    workspace.mkdir()
+    os.chown(workspace, JAIL_ID, JAIL_ID)
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("a C compiler is needed to build the jailed double's static stub (apt-get install gcc)")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real = harness.build_jail_stub(bin_dir, workspace / "knobs").rename(bin_dir / FC_REAL_NAME)
+    (bin_dir / "firecracker").symlink_to(real.name)  # the jail is named after the real file
+    d = DaemonProcess(
+        tmp_path,
+        assets,
+        UNKEY_METALD_BACKEND="firecracker",
+        UNKEY_METALD_FIRECRACKER_BINARY=str(bin_dir / "firecracker"),
+        UNKEY_METALD_FIRECRACKER_USE_OWN_JAILER="true",
+        UNKEY_METALD_FIRECRACKER_JAILER_BINARY=str(harness.make_jailer_shim(tmp_path, workspace)),
+        UNKEY_METALD_JAILER_UID=str(JAIL_ID),
+        UNKEY_METALD_JAILER_GID=str(JAIL_ID),
+    )
+    env = Jailed(tmp_path, d, workspace, assets)
+    env.set_knobs()
+    d.start()
+    yield env
+    d.kill()
+
+
+def test_own_jailer_lifecycle_through_the_api(own_jailer: Jailed) -> None:
+    env, vm = own_jailer, "fco-life"
+    d = env.daemon
+    jail = d.jail_dir / FC_REAL_NAME / vm
+    before = env.snapshot(vm)
+    d.rpc("CreateVm", {"vmId": vm, "config": _config(env.assets)})
+
+    def vmm() -> int:
+        info = d.rpc("GetVmInfo", {"vmId": vm})["backendInfo"]
+        assert info["launcher"] == "firecracker-jailer" and info["chroot"] == str(jail / "root"), info
+        pid = int(info["pid"])
+        assert _status(pid)["Uid"].split() == [str(JAIL_ID)] * 4
+        assert os.readlink(f"/proc/{pid}/root") == str(jail / "root")
+        assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/fc-{vm}").st_ino
+        for directory in _cgroup_dirs(d.cgroup_parent, vm):  # --cgroup: the same limits as metald's jailer
+            assert str(pid) in (directory / "cgroup.procs").read_text().split(), directory
+        assert _cgroup_limits(d.cgroup_parent, vm) == {"memory": str(256 * MIB), "cpu": "200000 100000", "pids": "258"}
+        return pid
+
+    assert d.rpc("BootVm", {"vmId": vm})["state"] == "VM_STATE_RUNNING"
+    pid = vmm()  # the double attached to the TAP and opened /dev/kvm inside the jail (checks on)
+    assert d.rpc("RebootVm", {"vmId": vm})["state"] == "VM_STATE_RUNNING"
+    assert not Path(f"/proc/{pid}").exists()
+    pid = vmm()
+    assert d.rpc("ShutdownVm", {"vmId": vm, "timeoutSeconds": 10})["state"] == "VM_STATE_SHUTDOWN"
+    assert d.rpc("GetVmInfo", {"vmId": vm})["backendInfo"]["last_exit_reason"] == "guest poweroff"
+    assert d.rpc("BootVm", {"vmId": vm})["state"] == "VM_STATE_RUNNING"  # from SHUTDOWN, a fresh jail
+    pid = vmm()
+    starts = [r for r in env.requests() if r["body"] == {"action_type": "InstanceStart"}]
+    assert len(starts) == 3 and all(r["status"] in (200, 204) for r in env.requests())
+    assert d.rpc("DeleteVm", {"vmId": vm, "force": True})["success"] is True
+    assert not Path(f"/proc/{pid}").exists() and not jail.exists()
+    assert not any(p.exists() for p in _cgroup_dirs(d.cgroup_parent, vm))
+    assert_no_leaks(before, env.snapshot(vm), ignore=SHARED)

@@ -198,7 +198,7 @@ def test_restart_repairs_drift_and_removes_leftovers(daemon: DaemonProcess) -> N
     damaged = good.diff(snapshot(db, daemon.run_dir, daemon.jail_dir, "rcv-", cgroup_prefix="rcv-"))
     assert set(damaged) == {"links", "nft"}, damaged
 
-    # leftovers of no VM: namespace, link, jail + cgroup, run dir, a stray VMM process
+    # leftovers of no VM: namespace, link, jail + cgroup, run dir; a stray VMM process of a known VM
     ghost = "rcv-ghost"
     subprocess.run(["ip", "netns", "add", f"fc-{ghost}"], check=True)
     subprocess.run(["ip", "link", "add", "vh_0badf00d", "type", "veth", "peer", "name", "vx_0badf00d"], check=True)
@@ -209,17 +209,15 @@ def test_restart_repairs_drift_and_removes_leftovers(daemon: DaemonProcess) -> N
             cg.mkdir()
     (daemon.run_dir / ghost).mkdir()
     (daemon.run_dir / ghost / "console.log").write_text("old")
-    marker = f"unix:{daemon.run_dir}/{ghost}/qmp.sock,server=on,wait=off"
-    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-qmp", marker],
-                             start_new_session=True)
+    # (a live VMM of a VM with no record is an orphan and is never swept: tests/e2e/test_orphans.py)
     stray_of_known = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(600)", "-qmp", f"unix:{daemon.run_dir}/{stopped}/qmp.sock"],
         start_new_session=True)
 
     daemon.start()
     report = reconciled(daemon)
-    assert report["leftovers_removed"] >= 6, report
-    assert stray.wait(5) == -signal.SIGKILL and stray_of_known.wait(5) == -signal.SIGKILL
+    assert report["leftovers_removed"] >= 5 and report["orphans"] == 0, report
+    assert stray_of_known.wait(5) == -signal.SIGKILL
     assert not any(cg.exists() for cg in cgroups)
     after = snapshot(db, daemon.run_dir, daemon.jail_dir, "rcv-", cgroup_prefix="rcv-")
     assert_no_leaks(good, after)  # the TAP, veth and element are back; every leftover is gone

@@ -21,6 +21,14 @@
 # the double exits when QEMU does. QEMU is dynamically linked, so this mode
 # cannot run inside a jail's chroot: use it with the jailer off.
 #
+# Snapshots (PUT /snapshot/create, /snapshot/load) follow Firecracker's state
+# rules: create only while Paused; load only on a fresh process, before any
+# boot-specific request (machine config, boot source, drives, network, balloon,
+# vsock, entropy, MMDS config, pmem, memory hotplug; logger and metrics are
+# fine); a loaded VM stays Paused unless resume_vm; a load that fails ends the
+# process (exit status 1) after the reply. The files are the double's own JSON
+# state and a sparse memory file, not Firecracker's format.
+#
 # Dependencies: the Python standard library, PyYAML and jsonschema (and QEMU
 # for FC_DOUBLE_BOOT_QEMU).
 #
@@ -38,12 +46,19 @@
 #                         the spec's template, e.g. "PUT /drives/{drive_id}"):
 #                         such requests are validated, then refused with 400
 #   FC_DOUBLE_FAIL_MESSAGE  the fault_message of those refusals
-#   FC_DOUBLE_CHECK_TAP=1 PUT /network-interfaces opens the TAP as Firecracker
-#                         does (/dev/net/tun, TUNSETIFF IFF_TAP|IFF_NO_PI|
-#                         IFF_VNET_HDR) with the double's own credentials, after
-#                         checking that it exists in its network namespace
-#   FC_DOUBLE_CHECK_KVM=1 InstanceStart opens /dev/kvm read-write and asks its
-#                         API version, as Firecracker does when it builds the VM
+#   FC_DOUBLE_CHECK_TAP   on unless "0": PUT /network-interfaces opens the TAP as
+#                         Firecracker does (/dev/net/tun, TUNSETIFF IFF_TAP|
+#                         IFF_NO_PI|IFF_VNET_HDR) with the double's own
+#                         credentials, after checking that it exists in its
+#                         network namespace
+#   FC_DOUBLE_CHECK_KVM   on unless "0": InstanceStart opens /dev/kvm read-write
+#                         and asks its API version, as Firecracker does when it
+#                         builds the VM
+#   FC_DOUBLE_EXIT_AFTER_START=N  exit with status N shortly after InstanceStart
+#                         (Firecracker's own codes: 148 seccomp violation, ...)
+#   FC_DOUBLE_CONSOLE_FLOOD=N  after InstanceStart the "guest" prints N bytes of
+#                         numbered lines to the serial console (stdout) as fast
+#                         as it can, then "[double] console flood done" to stderr
 #   FC_DOUBLE_BOOT_QEMU=1 boot a real guest with QEMU (see above)
 #   FC_DOUBLE_QEMU        the QEMU binary (qemu-system-x86_64)
 #   FC_DOUBLE_TSC_KHZ     the host TSC rate for tsc_early_khz (default: read
@@ -71,19 +86,35 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
-import yaml
+if TYPE_CHECKING:
+    import jsonschema  # imported where used: `--version` (health checks) stays quick
 
 SPEC_NAME = "firecracker-api-v1.16.1.yaml"
 NOT_AFTER_BOOT = "The requested operation is not supported after starting the microVM."
 NOT_BEFORE_BOOT = "The requested operation is not supported before starting the microVM."
+LOAD_NOT_ALLOWED = (
+    "Load microVM snapshot error: Loading a microVM snapshot not allowed after configuring "
+    "boot-specific resources."
+)
+SNAPSHOT_WHILE_RUNNING = (
+    "Create snapshot error: Cannot save the microVM state: Operation not allowed: "
+    "save/restore unavailable while running"
+)
+SNAPSHOT_MAGIC = "THIS IS A FIRECRACKER TEST DOUBLE SNAPSHOT"
 DESERIALIZE = "An error occurred when deserializing the json body of a request: {}."
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 IFNAMSIZ = 16
 CMDLINE_MAX_SIZE = 2048
+# Firecracker's default when boot-source has no boot_args (vmm_config/boot_source.rs)
+DEFAULT_BOOT_ARGS = "reboot=k panic=1 nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce"
+
+
+def mmio_device(slot: int) -> str:
+    """One ``virtio_mmio.device=`` entry as Firecracker appends it (x86_64: 0xc0001000 + 4 KiB per slot, GSI 5+)."""
+    return f"virtio_mmio.device=4K@0x{0xC0001000 + slot * 0x1000:x}:{5 + slot}"
 
 # Path parameters Firecracker checks with `checked_id` and compares with the body.
 ID_PARAMS = {"drive_id": "drive_id", "iface_id": "iface_id", "id": "id"}
@@ -102,6 +133,21 @@ PRE_BOOT_ONLY = {
     ("PUT", "/mmds/config"),
     ("PUT", "/network-interfaces/{iface_id}"),
     ("PUT", "/snapshot/load"),
+    ("PUT", "/vsock"),
+    ("PUT", "/entropy"),
+    ("PUT", "/balloon"),
+    ("PUT", "/hotplug/memory"),
+}
+# Requests that make the process a "boot path" one: a snapshot can no longer be
+# loaded (PrebootApiController sets boot_path before even trying them).
+BOOT_SPECIFIC = {
+    ("PUT", "/boot-source"),
+    ("PUT", "/drives/{drive_id}"),
+    ("PUT", "/pmem/{id}"),
+    ("PUT", "/machine-config"),
+    ("PATCH", "/machine-config"),
+    ("PUT", "/mmds/config"),
+    ("PUT", "/network-interfaces/{iface_id}"),
     ("PUT", "/vsock"),
     ("PUT", "/entropy"),
     ("PUT", "/balloon"),
@@ -148,6 +194,12 @@ def default_spec_path() -> Path:
         if candidate.is_file():
             return candidate
     return candidates[0]
+
+
+def spec_version(path: Path) -> str:
+    """``info.version`` of the API description, read without parsing the whole file."""
+    found = re.search(r"^info:\n(?:[ \t]+.*\n)*?[ \t]+version:\s*\"?([0-9][^\"\s]*)", path.read_text(), re.MULTILINE)
+    return found.group(1) if found else "0.0.0"
 
 
 def io_error(exc: OSError) -> str:
@@ -210,6 +262,8 @@ class Route:
                 self.body_required = bool(param.get("required", False))
                 schema = to_json_schema(param["schema"])
                 schema["definitions"] = defs
+                import jsonschema
+
                 self.validator = jsonschema.Draft4Validator(schema)
 
     def _param(self, match: re.Match[str]) -> str:
@@ -233,10 +287,14 @@ class SpecValidator:
     @classmethod
     def from_file(cls, path: Path) -> SpecValidator:
         with open(path) as fh:
+            import yaml
+
             return cls(yaml.safe_load(fh))
 
     def definition_validator(self, name: str) -> jsonschema.Draft4Validator:
         """A validator for one named definition (for tests of request bodies)."""
+        import jsonschema
+
         return jsonschema.Draft4Validator({"$ref": f"#/definitions/{name}", "definitions": self.definitions})
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
@@ -351,6 +409,11 @@ def open_kvm() -> int:
     return fd
 
 
+def knob_on(name: str) -> bool:
+    """A check knob: on unless set to "0" (the double is as strict as Firecracker by default)."""
+    return os.environ.get(name, "1") != "0"
+
+
 def _open_nonblock(path: str, flags: int = os.O_RDWR) -> int:
     """Open like Firecracker's open_file_nonblock (never creates the file)."""
     return os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -380,6 +443,8 @@ class Vmm:
         self.kvm_fd: int | None = None
         self.qemu: QemuGuest | None = None
         self.api_sock = ""
+        self.boot_path = False  # a boot-specific request was seen: no snapshot load any more
+        self.pending_exit: int | None = None  # exit with this status once the reply is sent
 
     # Dispatch ----------------------------------------------------------------
     def handle(self, route: Route, params: dict[str, str], body: Any) -> tuple[int, Any]:
@@ -388,6 +453,8 @@ class Vmm:
             raise Fault(NOT_AFTER_BOOT)
         if key in POST_BOOT_ONLY and not self.started:
             raise Fault(NOT_BEFORE_BOOT)
+        if key in BOOT_SPECIFIC:
+            self.boot_path = True
         handler = _HANDLERS.get(key)
         if handler is not None:
             return handler(self, params, body)
@@ -520,7 +587,7 @@ class Vmm:
                     "device failed: Error while creating ifreq structure: Device or resource "
                     "busy (os error 16)."
                 )
-        if os.environ.get("FC_DOUBLE_CHECK_TAP") == "1":
+        if knob_on("FC_DOUBLE_CHECK_TAP"):
             self._attach_tap(iface_id, tap)
         self.nets[iface_id] = body
         return 204, None
@@ -551,7 +618,9 @@ class Vmm:
                 raise Fault(NOT_AFTER_BOOT)
             if self.boot_source is None:
                 raise Fault("Start microvm error: Cannot start microvm without kernel configuration.")
-            if os.environ.get("FC_DOUBLE_CHECK_KVM") == "1":
+            if len(self.final_cmdline().encode()) >= CMDLINE_MAX_SIZE:
+                raise Fault("Start microvm error: Invalid kernel command line: Command line string too large")
+            if knob_on("FC_DOUBLE_CHECK_KVM"):
                 try:
                     self.kvm_fd = open_kvm()
                 except OSError as exc:
@@ -565,6 +634,7 @@ class Vmm:
                 print(f"[double] {self.instance_id}: InstanceStart", flush=True)
             self.started = True
             self.last_flush = time.monotonic()
+            self._after_start()
             return 204, None
         if not self.started:
             raise Fault(NOT_BEFORE_BOOT)
@@ -578,6 +648,72 @@ class Vmm:
                 self._schedule_poweroff()
         return 204, None
 
+    def _after_start(self) -> None:
+        """The FC_DOUBLE_EXIT_AFTER_START and FC_DOUBLE_CONSOLE_FLOOD knobs."""
+        code = os.environ.get("FC_DOUBLE_EXIT_AFTER_START")
+        if code:
+            timer = threading.Timer(0.2, self.exit_process, args=(int(code),))
+            timer.daemon = True
+            timer.start()
+        flood = int(os.environ.get("FC_DOUBLE_CONSOLE_FLOOD", "0") or 0)
+        if flood > 0:
+            threading.Thread(target=_flood_console, args=(flood,), daemon=True).start()
+
+    # Snapshots ---------------------------------------------------------------------
+    def put_snapshot_create(self, _p: dict, body: dict[str, Any]) -> tuple[int, Any]:
+        if not self.paused:
+            raise Fault(SNAPSHOT_WHILE_RUNNING)
+        state = {
+            "magic": SNAPSHOT_MAGIC,
+            "machine": self.machine,
+            "drives": self.drives,
+            "nets": self.nets,
+            "boot_source": self.boot_source,
+        }
+        try:
+            with open(body["snapshot_path"], "w") as fh:  # created or truncated, as Firecracker does
+                json.dump(state, fh)
+            with open(body["mem_file_path"], "wb") as fh:
+                fh.truncate(self.machine["mem_size_mib"] << 20)
+        except OSError as exc:
+            raise Fault(f"Create snapshot error: Cannot save the microVM state: {io_error(exc)}") from None
+        return 204, None
+
+    def put_snapshot_load(self, _p: dict, body: dict[str, Any]) -> tuple[int, Any]:
+        if self.boot_path:
+            raise Fault(LOAD_NOT_ALLOWED)
+        if ("mem_file_path" in body) == ("mem_backend" in body):
+            raise Fault(DESERIALIZE.format("exactly one of mem_file_path and mem_backend must be given"))
+        try:
+            state = self._restore(body)
+        except (OSError, ValueError, KeyError) as exc:
+            # Firecracker considers the process too dirty to recover and exits.
+            self.pending_exit = 1
+            detail = io_error(exc) if isinstance(exc, OSError) else str(exc)
+            raise Fault(f"Load microVM snapshot error: Failed to restore from snapshot: {detail}") from None
+        self.machine, self.drives, self.nets = state["machine"], state["drives"], state["nets"]
+        self.boot_source = state.get("boot_source")
+        for override in body.get("network_overrides", []):
+            if override["iface_id"] in self.nets:
+                self.nets[override["iface_id"]]["host_dev_name"] = override["host_dev_name"]
+        self.started = True
+        self.paused = not body.get("resume_vm", False)  # loaded VMs stay paused unless asked
+        self.last_flush = time.monotonic()
+        return 204, None
+
+    def _restore(self, body: dict[str, Any]) -> dict[str, Any]:
+        with open(body["snapshot_path"]) as fh:
+            state = json.load(fh)
+        if not isinstance(state, dict) or state.get("magic") != SNAPSHOT_MAGIC:
+            raise ValueError(f"{body['snapshot_path']} is not a snapshot of this double")
+        backend = body.get("mem_backend") or {"backend_type": "File", "backend_path": body["mem_file_path"]}
+        if backend["backend_type"] == "File":
+            os.close(os.open(backend["backend_path"], os.O_RDONLY | os.O_CLOEXEC))
+        else:  # Uffd: Firecracker connects to the page-fault handler's socket
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(backend["backend_path"])
+        return state
+
     def patch_vm(self, _p: dict, body: dict[str, Any]) -> tuple[int, Any]:
         paused = body["state"] == "Paused"
         if self.qemu is not None:
@@ -586,6 +722,21 @@ class Vmm:
         if not self.paused and self.ctrl_alt_del_pending:
             self._schedule_poweroff()
         return 204, None
+
+    def final_cmdline(self) -> str:
+        """boot_args plus what Firecracker's builder.rs inserts before checking the 2048-byte limit."""
+        assert self.boot_source is not None
+        words = [self.boot_source.get("boot_args", DEFAULT_BOOT_ARGS), "pci=off"]
+        slot = 0
+        for drive in sorted(self.drives.values(), key=lambda d: not d["is_root_device"]):
+            if drive["is_root_device"]:
+                words += ["root=/dev/vda", "ro" if drive.get("is_read_only") else "rw"]
+            words.append(mmio_device(slot))
+            slot += 1
+        for _ in self.nets:
+            words.append(mmio_device(slot))
+            slot += 1
+        return " ".join(w for w in words if w)
 
     def _boot_qemu(self) -> None:
         """Start the real guest (FC_DOUBLE_BOOT_QEMU=1); exit when QEMU exits."""
@@ -648,6 +799,23 @@ class Vmm:
             os.write(self.metrics_fd, data)
         except BlockingIOError:
             pass  # a FIFO nobody reads: Firecracker drops the line too
+
+
+def _flood_console(total: int) -> None:
+    """A guest printing without end (FC_DOUBLE_CONSOLE_FLOOD): numbered lines to the serial port."""
+    written = 0
+    n = 0
+    out = sys.stdout.buffer
+    while written < total:
+        chunk = b"".join(b"guest line %09d %s\n" % (n + i, b"x" * 40) for i in range(64))
+        n += 64
+        try:
+            out.write(chunk)
+            out.flush()
+        except OSError:
+            return
+        written += len(chunk)
+    print(f"[double] console flood done: {written} bytes, last line {n - 1}", file=sys.stderr, flush=True)
 
 
 # --- FC_DOUBLE_BOOT_QEMU: a real guest under QEMU ------------------------------
@@ -857,6 +1025,8 @@ _HANDLERS: dict[tuple[str, str], Callable[[Vmm, dict, Any], tuple[int, Any]]] = 
     ("PUT", "/network-interfaces/{iface_id}"): Vmm.put_net,
     ("PUT", "/actions"): Vmm.put_action,
     ("PATCH", "/vm"): Vmm.patch_vm,
+    ("PUT", "/snapshot/create"): Vmm.put_snapshot_create,
+    ("PUT", "/snapshot/load"): Vmm.put_snapshot_load,
 }
 
 
@@ -928,6 +1098,9 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else None
         status, payload = self.app.request(self.command, self.path, raw)
         self._send(status, payload)
+        if self.app.vmm.pending_exit is not None:  # e.g. a failed snapshot load
+            self.wfile.flush()
+            self.app.vmm.exit_process(self.app.vmm.pending_exit)
 
     do_GET = do_PUT = do_PATCH = _handle
 
@@ -1005,13 +1178,13 @@ def parse_args(argv: list[str]) -> dict[str, str]:
 def main(argv: list[str]) -> int:
     opts = parse_args(argv)
     spec_path = default_spec_path()
-    validator = SpecValidator.from_file(spec_path)
     if "--help" in opts:
         print(USAGE)
         return 0
-    if "--version" in opts:
-        print(f"Firecracker v{validator.version}\n")
+    if "--version" in opts:  # without building the validators: health checks run this, and must be quick
+        print(f"Firecracker v{spec_version(spec_path)}\n")
         return 0
+    validator = SpecValidator.from_file(spec_path)
     instance_id = opts.get("--id", "anonymous-instance")
     if not INSTANCE_ID_RE.match(instance_id):
         print(f"Invalid instance ID: {instance_id!r}", file=sys.stderr)

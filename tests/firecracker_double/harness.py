@@ -67,3 +67,25 @@ def build_jail_stub(directory: Path, knobs: Path) -> Path:
     argv = [cc, "-static", "-O2", "-Wall", "-o", str(out), *[f'-D{k}="{v}"' for k, v in defines.items()]]
     subprocess.run([*argv, str(STUB_SOURCE)], check=True, capture_output=True, timeout=120)
     return out
+
+
+JAILER_DOUBLE = DOUBLE.parent / "jailer_double.py"
+
+
+def make_jailer_shim(directory: Path, workspace: Path) -> Path:
+    """An executable started like Firecracker's jailer that runs the jailer double.
+
+    ``workspace`` (the Firecracker double's knobs and record) and this
+    interpreter are bind-mounted into each jail it builds (``--double-runtime``).
+    """
+    root = DOUBLE.parents[2]
+    lines = [
+        "#!/bin/sh",
+        f"export PYTHONPATH={shlex.quote(str(root))}",
+        f'exec {shlex.quote(sys.executable)} {shlex.quote(str(JAILER_DOUBLE))} '
+        f'--double-runtime {shlex.quote(str(workspace))} "$@"',
+    ]
+    shim = directory / "jailer"
+    shim.write_text("\n".join(lines) + "\n")
+    shim.chmod(0o755)
+    return shim

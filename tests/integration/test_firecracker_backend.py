@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,9 +21,12 @@ import pytest
 
 from metald.backends import procfs
 from metald.backends.firecracker.backend import FirecrackerBackend, kvm_unusable
-from metald.backends.firecracker.client import FirecrackerClient
+from metald.backends.firecracker.client import FirecrackerApiError, FirecrackerClient
 from metald.backends.firecracker.handle import is_vmm_of
 from metald.backends.firecracker.launch import DirectLauncher, JailerLauncher
+from metald.backends.firecracker.logcap import allocated_bytes
+from metald.backends.firecracker.validation import boot_args, kernel_cmdline
+from metald.backends.qemu.console import TRUNCATED_MARK
 from metald.config import Settings
 from metald.core.errors import BackendError, InvalidArgument
 from metald.core.models import BootSpec, Drive, NetworkAllocation, RateLimit
@@ -54,12 +59,16 @@ class Env:
         self.exits: list[tuple[str, str]] = []
         self.exit_event = asyncio.Event()
         self.backends: list[FirecrackerBackend] = []
+        self.cleanups: list[Callable[[], object]] = []
 
-    def backend(self, **knobs: str) -> FirecrackerBackend:
+    def backend(self, log_cap: int = 1 << 20, **knobs: str) -> FirecrackerBackend:
         shim_dir = self.tmp / f"shim{len(self.backends)}"
         shim_dir.mkdir()
         shim = harness.make_shim(shim_dir, self.record, **knobs)
-        settings = Settings(run_dir=self.run_root, data_dir=self.tmp / "data", firecracker_binary=str(shim))
+        data_dir = self.tmp / "data"
+        settings = Settings(
+            run_dir=self.run_root, data_dir=data_dir, firecracker_binary=str(shim), console_log_max_bytes=log_cap
+        )
         launcher = DirectLauncher(str(shim), netns_prefix=lambda ns: [])
         backend = FirecrackerBackend(settings, launcher=launcher, kvm_path=self.kvm, reboot_grace_s=5.0)
         backend.set_exit_callback(self._on_exit)
@@ -105,6 +114,8 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
             with contextlib.suppress(Exception):
                 await backend.cleanup(vm_id)
         await backend.close()
+    for cleanup in e.cleanups:
+        cleanup()
 
 
 def _alive(pid: int) -> bool:
@@ -283,8 +294,13 @@ async def test_forced_reboot(env: Env) -> None:
     assert calls == CONFIG_SEQUENCE + CONFIG_SEQUENCE
 
 
-async def test_network_interface_and_rate_limiters(env: Env) -> None:
+async def test_network_interface_and_rate_limiters(env: Env, require_isolated: None) -> None:
     backend = env.backend()
+    # The double attaches to the TAP as Firecracker does (on by default): a real one, in the
+    # test's private network namespace (the launcher here enters none).
+    subprocess.run(["ip", "tuntap", "add", "tap_ab12cd34", "mode", "tap"], check=True)
+    request_cleanup = env.cleanups.append
+    request_cleanup(lambda: subprocess.run(["ip", "link", "del", "tap_ab12cd34"], check=False))
     net = NetworkAllocation(
         short_id="ab12cd34",
         namespace="fc-vm-fc-net",
@@ -362,6 +378,78 @@ async def test_exit_callback_when_the_vmm_is_killed(env: Env) -> None:
 
     assert env.exits == [(spec.vm_id, "killed by signal SIGKILL")]
     assert not backend.is_running(spec.vm_id)
+
+
+async def test_firecrackers_own_exit_codes_are_named_not_read_as_signals(env: Env) -> None:
+    backend = env.backend(FC_DOUBLE_EXIT_AFTER_START="148")  # Firecracker's seccomp violation
+    spec = env.spec()
+    await backend.boot(spec)
+    await asyncio.wait_for(env.exit_event.wait(), 10)
+    [(vm_id, reason)] = env.exits
+    assert vm_id == spec.vm_id and "signal" not in reason
+    assert reason.startswith("exit code 148 (seccomp violation")
+
+
+async def test_boot_args_too_long_once_firecracker_appends_its_own(env: Env) -> None:
+    backend = env.backend()
+    spec = env.spec()
+    base = len(boot_args(spec).encode())
+    # Fits 2047 bytes alone, not with pci=off, root=/dev/vda rw and two virtio_mmio.device= entries.
+    near = replace(spec, kernel_args=spec.kernel_args + " " + "x" * (2047 - base - 1))
+    assert len(boot_args(near).encode()) == 2047
+    with pytest.raises(InvalidArgument) as caught:
+        await backend.validate(near)
+    assert caught.value.field == "config.boot.kernel_args" and "2047" in str(caught.value)
+    fits = replace(spec, kernel_args=spec.kernel_args + " " + "x" * (2047 - len(kernel_cmdline(spec).encode()) - 1))
+    await backend.validate(fits)
+    await backend.boot(fits)  # the double applies Firecracker's check at InstanceStart
+    assert env.config_requests()[-1]["status"] == 204
+
+
+async def _until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("console", [True, False])
+async def test_a_guest_printing_without_end_stays_under_the_log_cap(env: Env, console: bool) -> None:
+    cap = 64 * 1024
+    flood = 8 << 20  # the guest prints 128 times the cap
+    backend = env.backend(log_cap=cap, FC_DOUBLE_CONSOLE_FLOOD=str(flood))
+    spec = replace(env.spec(), console_enabled=console)
+    await backend.boot(spec)
+    stderr = spec.run_dir / "firecracker.stderr"
+    out = spec.console_log if console else stderr  # with the console off, serial output goes to stderr
+
+    def flood_done() -> bool:
+        return b"console flood done" in stderr.read_bytes()
+
+    await _until(flood_done, "the flood to end")
+    await _until(lambda: out.stat().st_size <= cap and stderr.stat().st_size <= cap, "the cap")
+    data = out.read_bytes()
+    assert data.startswith(TRUNCATED_MARK)
+    last = re.search(rb"last line (\d+)", stderr.read_bytes())
+    assert last is not None and f"guest line {int(last.group(1)):09d}".encode() in data  # the newest output is kept
+    assert backend.is_running(spec.vm_id)
+
+
+async def test_the_metrics_file_stays_under_the_cap_and_no_line_is_lost(env: Env) -> None:
+    cap = 8192
+    backend = env.backend(log_cap=cap)
+    spec = env.spec()
+    await backend.boot(spec)
+    metrics_path = Path(backend._vms[spec.vm_id].handle.metrics_path)
+    flushes = 40
+    for _ in range(flushes):  # each call flushes one line of a few KiB
+        await backend.metrics(spec.vm_id)
+    assert metrics_path.stat().st_size > 4 * cap  # Firecracker's write offset keeps growing ...
+    await _until(lambda: allocated_bytes(metrics_path) <= cap + 4096, "the metrics cap")  # ... its blocks do not
+    totals = await backend.metrics(spec.vm_id)
+    per_flush = 2 * 65536  # the double's read_bytes per flush, two drives
+    assert totals.block_read_bytes == (flushes + 1) * per_flush
 
 
 async def test_exit_callback_when_the_guest_powers_off_by_itself(env: Env) -> None:
@@ -514,3 +602,26 @@ async def test_client_reaches_a_socket_whose_path_is_too_long_for_sun_path(env: 
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def test_double_exits_after_a_failed_snapshot_load(env: Env) -> None:
+    """Firecracker replies to a failed load, then exits (the process is too dirty to go on)."""
+    shim = harness.make_shim(env.tmp, env.record)
+    sock = env.tmp / "fc.sock"
+    junk = env.tmp / "junk"
+    junk.write_text("not a snapshot")
+    proc = await asyncio.create_subprocess_exec(str(shim), "--api-sock", str(sock), "--id", "snap")
+    try:
+        for _ in range(500):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.02)
+        async with FirecrackerClient(sock) as client:
+            with pytest.raises(FirecrackerApiError) as caught:
+                await client._call("PUT", "/snapshot/load", {"snapshot_path": str(junk), "mem_file_path": str(junk)})
+        assert caught.value.status == 400 and "Failed to restore from snapshot" in caught.value.fault_message
+        assert await asyncio.wait_for(proc.wait(), 30) == 1
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

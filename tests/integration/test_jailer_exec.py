@@ -23,7 +23,7 @@ from metald.config import Settings
 from metald.core.errors import StepFailed
 from metald.core.models import BootSpec, Drive
 from metald.core.plan import Plan
-from metald.jailer import Jail, Jailer
+from metald.jailer import Jail, Jailer, devices
 from metald.jailer import cgroup as cg
 from metald.jailer.chroot import mounts_under, remove_tree
 from metald.jailer.resource_limits import Limits
@@ -228,7 +228,7 @@ async def test_new_pid_namespace(env: Env, busybox: Path) -> None:
     assert status(proc.pid)["Uid"].split()[0] == "0"  # the waiting parent
     assert child in cg.procs(jail.cgroup.dirs[0]) and proc.pid not in cg.procs(jail.cgroup.dirs[0])
     await env.jailer.cleanup(jail)
-    assert proc.wait(timeout=10) == 128 + signal.SIGKILL
+    assert proc.wait(timeout=10) == -signal.SIGKILL  # the launcher dies by the VMM's signal
     assert_gone(jail)
 
 
@@ -237,6 +237,9 @@ async def test_parent_forwards_exit_status(env: Env, busybox: Path) -> None:
     await prepare(env, jail, env.spec(jail))
     argv = env.jailer.launch_argv(jail, [str(busybox), "sh", "-c", "exit 7"], None, True, True)
     assert env.spawn(argv).wait(timeout=20) == 7
+    # Firecracker's own codes (148: seccomp violation) are not confused with a signal ...
+    argv = env.jailer.launch_argv(jail, [str(busybox), "sh", "-c", "exit 148"], None, True, True)
+    assert env.spawn(argv).wait(timeout=20) == 148  # a VMM killed by a signal: test_new_pid_namespace
 
 
 async def test_setup_failure_is_one_line_and_127(env: Env, busybox: Path) -> None:
@@ -252,7 +255,11 @@ async def test_setup_failure_is_one_line_and_127(env: Env, busybox: Path) -> Non
 async def test_devices_and_tree(env: Env) -> None:
     jail = env.new_jail()
     await prepare(env, jail, env.spec(jail))
-    for rel, rdev in (("dev/kvm", (10, 232)), ("dev/net/tun", (10, 200))):
+    nodes = [("dev/kvm", (10, 232)), ("dev/net/tun", (10, 200)), ("dev/urandom", (1, 9))]
+    uffd = devices.userfaultfd_minor()
+    if uffd is not None:  # as Firecracker's jailer: only where the host has the device
+        nodes.append(("dev/userfaultfd", (10, uffd)))
+    for rel, rdev in nodes:
         st = os.lstat(jail.root / rel)
         assert stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == rdev
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (UID, GID, 0o600)
@@ -364,3 +371,42 @@ async def test_sweep_leftovers(env: Env, busybox: Path) -> None:
     assert_gone(stale)
     assert proc.wait(timeout=10) == -signal.SIGKILL
     assert keep.root.is_dir() and all(d.is_dir() for d in keep.cgroup.dirs)
+
+
+def _join(proc: subprocess.Popen[bytes], jail: Jail) -> None:
+    for directory in jail.cgroup.dirs:
+        (directory / "cgroup.procs").write_text(str(proc.pid))
+
+
+async def test_foreign_process_in_a_vm_cgroup_is_never_killed(env: Env, busybox: Path) -> None:
+    """A process that is not this VM's VMM (e.g. another daemon's QEMU put in the same
+    cgroup) survives cleanup and the sweep; the cgroup stays and the error says why."""
+    jail = env.new_jail("qemu")
+    await prepare(env, jail, env.spec(jail))
+    foreign = env.spawn([str(busybox), "sleep", "60"])
+    _join(foreign, jail)
+    # and a VMM of this VM, launched into its jail: that one may be killed
+    own = env.spawn(env.jailer.launch_argv(jail, [str(busybox), "sleep", "60"], None, True, False))
+    wait_for(lambda: own.pid in cg.procs(jail.cgroup.dirs[0]), what="own VMM in cgroup")
+    with pytest.raises(cg.ForeignProcesses, match=rf"\[{foreign.pid}\] that are not this VM's VMM"):
+        await env.jailer.cleanup(jail)
+    assert own.wait(timeout=10) == -signal.SIGKILL
+    assert foreign.poll() is None and all(d.is_dir() for d in jail.cgroup.dirs)
+    assert jail.vm_id not in await env.jailer.sweep_leftovers(set())
+    assert foreign.poll() is None and all(d.is_dir() for d in jail.cgroup.dirs)
+    foreign.kill()
+    foreign.wait()
+    await env.jailer.cleanup(jail)
+    assert_gone(jail)
+
+
+async def test_check_settings_keeps_a_given_hierarchy(env: Env) -> None:
+    """A Jailer given its cgroup hierarchy keeps it (and its parent) after check_settings()."""
+    fs = env.jailer.cgroup_fs
+    assert fs.parent.startswith("metald/test-")
+    env.jailer.check_settings()
+    assert env.jailer.cgroup_fs is fs
+    detected = Jailer(Settings(jailer_cgroup_parent="metald-x", jailer_uid=UID, jailer_gid=GID))
+    detected.check_settings()
+    assert detected.cgroup_fs.parent == "metald-x"
+    assert detected.jail_for("qemu", "v1").cgroup.dirs[0].parent.name == "metald-x"

@@ -242,9 +242,9 @@ async def test_restart_adopts_on_identity_and_settles_after(  # type: ignore[no-
         await engine.wait_settled()
         assert store.get_vm("run").state == VmState.PAUSED
         assert store.get_vm("halt").state == VmState.PAUSED  # the VMM's own state
-        row = store.get_vm("mute")
-        assert row.state == VmState.SHUTDOWN and "did not answer" in row.status["last_exit"]
-        assert await gone(handles["mute"]["pid"])
+        row = store.get_vm("mute")  # alive, its identity proven, but silent: kept, not recorded as exited
+        assert row.state == VmState.RUNNING and "last_exit" not in row.status and alive(handles["mute"]["pid"])
+        assert (await engine.get("mute")).backend_info["status"] == "unresponsive"
         assert await engine.resume("halt") == VmState.RUNNING
         assert await engine.shutdown("halt", force=True, timeout_s=0) == VmState.SHUTDOWN
         assert await gone(handles["halt"]["pid"])

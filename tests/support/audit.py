@@ -135,6 +135,8 @@ def _vmm_processes(marker: str) -> set[str]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
+        if "guest=accel-probe" in cmdline:
+            continue  # metald's own KVM probe (backends/qemu/accel.py): short-lived, not a VM's VMM
         if marker and marker in cmdline and ("qemu-system" in cmdline or "firecracker" in cmdline):
             found.add(f"{pid}:{cmdline[:120]}")
     return found

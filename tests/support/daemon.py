@@ -129,5 +129,10 @@ class DaemonProcess:
             time.sleep(0.2)
         raise AssertionError(f"{vm_id}: {marker!r} x{count} not seen; console tail:\n{self.console(vm_id)[-3000:]}")
 
-    def log_records(self) -> list[dict[str, Any]]:
+    def all_log_records(self) -> list[dict[str, Any]]:
+        """Every JSON line: metald's records ("msg") and the HTTP server's own ("event")."""
         return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """metald's own records."""
+        return [r for r in self.all_log_records() if "msg" in r]

@@ -136,6 +136,9 @@ class FakeBackend:
     def identity_adopter(self) -> IdentityAdopter | None:
         return self if self.identity_adoption else None
 
+    def warmer(self) -> None:
+        return None
+
     async def adopt_many(self, items: list[tuple[BootSpec, dict[str, Any]]]) -> set[str]:
         self.calls.append(("adopt_many", ",".join(spec.vm_id for spec, _ in items)))
         adopted = {spec.vm_id for spec, _ in items if spec.vm_id in self.adoptable}

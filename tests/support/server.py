@@ -1,4 +1,4 @@
-"""Run the real ASGI app over HTTP (hypercorn, HTTP/1.1 + h2c) in a thread."""
+"""Run the real ASGI app over HTTP (metald's server: HTTP/1.1 + h2c, or mTLS) in a thread."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
-
 from metald.api.app import MetaldApp
+from metald.api.events import EventServiceImpl, StreamingApp
 from metald.api.health import Health
+from metald.api.server import ApiServer, ServerOptions
 from metald.api.service import VmServiceImpl
 from metald.api.tls import open_tls
 from metald.config import Settings
 from metald.core.engine import VmEngine
 from metald.core.lifecycle import ReconcileReport
 from metald.store.sqlite import Store
+from metald.streams.hub import EventHub
 
 
 def free_port() -> int:
@@ -39,6 +39,7 @@ class RunningServer:
     backend: Any
     loop: asyncio.AbstractEventLoop
     tls: Any = None  # the server's metald.api.tls.ServerTls when served with tls=True
+    hub: EventHub | None = None
 
     def call(self, coro: Any) -> Any:
         """Run a coroutine on the server's loop (e.g. to poke the engine)."""
@@ -88,6 +89,8 @@ def serve_in_thread(
         holder["tls"] = server_tls
         engine = VmEngine(settings, store, backend, network)
         holder["engine"] = engine
+        hub = holder["hub"] = EventHub(store, settings)
+        await hub.start()
         report = await engine.start()
         if on_start is not None:
             await on_start(engine, report)
@@ -100,13 +103,15 @@ def serve_in_thread(
             Health({"store": store_check, "backend": backend.ping}, backend.name),
             settings.max_request_bytes,
             peer_identity=server_tls.peer_identity if server_tls is not None else None,
+            events=StreamingApp(EventServiceImpl(hub, settings), settings.max_request_bytes),
         )
-        config = server_tls.hypercorn_config() if server_tls is not None else Config()
-        config.bind = [f"127.0.0.1:{port}"]
-        config.accesslog = None
-        config.graceful_timeout = 1
         served = wrap_app(app) if wrap_app is not None else app
-        task = asyncio.ensure_future(serve(served, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+        async def stopping() -> None:
+            await stop.wait()
+            await hub.close()
+
+        api = ApiServer(served, ServerOptions("127.0.0.1", port, grace_seconds=1), server_tls)
+        task = asyncio.ensure_future(api.serve(stopping()))
         for _ in range(200):
             try:
                 _, w = await asyncio.open_connection("127.0.0.1", port)
@@ -126,7 +131,9 @@ def serve_in_thread(
     assert ready.wait(20), "server did not start"
     try:
         scheme = "https" if tls else "http"
-        yield RunningServer(f"{scheme}://127.0.0.1:{port}", port, holder["engine"], store, backend, loop, holder["tls"])
+        yield RunningServer(
+            f"{scheme}://127.0.0.1:{port}", port, holder["engine"], store, backend, loop, holder["tls"], holder["hub"]
+        )
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)

@@ -35,3 +35,8 @@ def test_every_curl_example_runs(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
         assert '"vmId": "web-1"' in result.stdout or '"vmId":"web-1"' in result.stdout
         assert srv.store.get_vm("web-1") is None and srv.store.get_vm("web-2") is None
+        # the EventService examples: Connect stream frames read with curl
+        assert '0 {"event":{"sequence":"1",' in result.stdout
+        assert '"kind":"EVENT_KIND_VM_REMOVED"' in result.stdout
+        assert '0 {"heartbeat":{"sequence":' in result.stdout and "\n2 {}\n" in result.stdout
+        assert '2 {"error": {"code": "not_found"' in result.stdout

@@ -12,6 +12,13 @@ from tests.firecracker_double import firecracker_double as fcd
 from tests.firecracker_double import harness
 
 
+@pytest.fixture(autouse=True)
+def no_host_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests run without root: no /dev/kvm or TAP (both checks are on by default)."""
+    monkeypatch.setenv("FC_DOUBLE_CHECK_KVM", "0")
+    monkeypatch.setenv("FC_DOUBLE_CHECK_TAP", "0")
+
+
 @pytest.fixture(scope="module")
 def validator() -> fcd.SpecValidator:
     return harness.validator()
@@ -216,3 +223,96 @@ def test_command_line_is_firecrackers() -> None:
         fcd.parse_args(["--api-sock", "/s", "--config-file", "x"])
     with pytest.raises(SystemExit, match="given twice"):
         fcd.parse_args(["--id", "a", "--id", "b"])
+
+
+def test_tap_and_kvm_checks_are_on_by_default(validator: fcd.SpecValidator, tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.delenv("FC_DOUBLE_CHECK_TAP")
+    monkeypatch.delenv("FC_DOUBLE_CHECK_KVM")
+    assert fcd.knob_on("FC_DOUBLE_CHECK_TAP") and fcd.knob_on("FC_DOUBLE_CHECK_KVM")
+    app = make_app(validator, tmp_path)
+    body = {"iface_id": "eth0", "host_dev_name": "tap_nowhere"}
+    assert "TAP tap_nowhere does not exist" in fault(app, "PUT", "/network-interfaces/eth0", body)
+
+
+def booted(validator: fcd.SpecValidator, tmp_path: Path, **drive: Any) -> tuple[fcd.App, Path]:
+    app = make_app(validator, tmp_path)
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"k")
+    assert call(app, "PUT", "/boot-source", {"kernel_image_path": str(kernel), "boot_args": "console=ttyS0"})[0] == 204
+    root = {"drive_id": "root", "path_on_host": str(kernel), "is_root_device": True, "is_read_only": True}
+    assert call(app, "PUT", "/drives/root", root)[0] == 204
+    assert call(app, "PUT", "/actions", {"action_type": "InstanceStart"})[0] == 204
+    return app, kernel
+
+
+def test_boot_args_that_overflow_with_what_firecracker_appends(validator: fcd.SpecValidator, tmp_path: Path) -> None:
+    app = make_app(validator, tmp_path)
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"k")
+    args = "a" * 2030  # fits PUT /boot-source's own check (< 2048) ...
+    assert call(app, "PUT", "/boot-source", {"kernel_image_path": str(kernel), "boot_args": args})[0] == 204
+    root = {"drive_id": "root", "path_on_host": str(kernel), "is_root_device": True, "is_read_only": False}
+    assert call(app, "PUT", "/drives/root", root)[0] == 204
+    # ... but not with " pci=off root=/dev/vda rw virtio_mmio.device=4K@0xc0001000:5"
+    assert app.vmm.final_cmdline() == f"{args} pci=off root=/dev/vda rw virtio_mmio.device=4K@0xc0001000:5"
+    assert fault(app, "PUT", "/actions", {"action_type": "InstanceStart"}) == (
+        "Start microvm error: Invalid kernel command line: Command line string too large"
+    )
+
+
+def test_snapshot_create_needs_a_paused_vm(validator: fcd.SpecValidator, tmp_path: Path) -> None:
+    body = {"snapshot_path": str(tmp_path / "state"), "mem_file_path": str(tmp_path / "mem")}
+    fresh = make_app(validator, tmp_path)
+    assert fault(fresh, "PUT", "/snapshot/create", body) == fcd.NOT_BEFORE_BOOT
+    app, _ = booted(validator, tmp_path)
+    assert fault(app, "PUT", "/snapshot/create", body) == fcd.SNAPSHOT_WHILE_RUNNING
+    assert not (tmp_path / "state").exists()
+    assert call(app, "PATCH", "/vm", {"state": "Paused"})[0] == 204
+    assert call(app, "PUT", "/snapshot/create", body)[0] == 204
+    assert (tmp_path / "mem").stat().st_size == 128 << 20
+
+
+def test_snapshot_load_rules(validator: fcd.SpecValidator, tmp_path: Path) -> None:
+    app, _ = booted(validator, tmp_path)
+    call(app, "PATCH", "/vm", {"state": "Paused"})
+    snap = {"snapshot_path": str(tmp_path / "state"), "mem_file_path": str(tmp_path / "mem")}
+    assert call(app, "PUT", "/snapshot/create", snap)[0] == 204
+    assert fault(app, "PUT", "/snapshot/load", snap) == fcd.NOT_AFTER_BOOT
+
+    # logger and metrics are not boot-specific; a load then leaves the VM paused
+    fresh = make_app(validator, tmp_path)
+    (tmp_path / "log").write_bytes(b"")
+    assert call(fresh, "PUT", "/logger", {"log_path": str(tmp_path / "log")})[0] == 204
+    assert call(fresh, "PUT", "/snapshot/load", snap)[0] == 204
+    assert call(fresh, "GET", "/")[1]["state"] == "Paused"
+    assert fault(fresh, "PUT", "/snapshot/load", snap) == fcd.NOT_AFTER_BOOT
+    assert fault(fresh, "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128}) == fcd.NOT_AFTER_BOOT
+    resumed = make_app(validator, tmp_path)
+    assert call(resumed, "PUT", "/snapshot/load", {**snap, "resume_vm": True})[0] == 204
+    assert call(resumed, "GET", "/")[1]["state"] == "Running"
+
+    # any boot-specific request, even a refused one, forbids a load
+    for method, path, body in [
+        ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128}),
+        ("PUT", "/boot-source", {"kernel_image_path": str(tmp_path / "missing")}),
+        ("PUT", "/drives/a", {"drive_id": "a", "path_on_host": "/nope", "is_root_device": False, "is_read_only": True}),
+        ("PUT", "/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": "tap0"}),
+        ("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(tmp_path / "v.sock")}),
+        ("PUT", "/entropy", {}),
+        ("PUT", "/balloon", {"amount_mib": 0, "deflate_on_oom": False}),
+    ]:
+        other = make_app(validator, tmp_path)
+        call(other, method, path, body)
+        assert fault(other, "PUT", "/snapshot/load", snap) == fcd.LOAD_NOT_ALLOWED, path
+        assert other.vmm.pending_exit is None
+
+    both = {**snap, "mem_backend": {"backend_type": "File", "backend_path": str(tmp_path / "mem")}}
+    assert "exactly one of" in fault(make_app(validator, tmp_path), "PUT", "/snapshot/load", both)
+
+
+def test_a_failed_snapshot_load_ends_the_process(validator: fcd.SpecValidator, tmp_path: Path) -> None:
+    (tmp_path / "junk").write_text("not a snapshot")
+    app = make_app(validator, tmp_path)
+    body = {"snapshot_path": str(tmp_path / "junk"), "mem_file_path": str(tmp_path / "junk")}
+    assert "Failed to restore from snapshot" in fault(app, "PUT", "/snapshot/load", body)
+    assert app.vmm.pending_exit == 1  # the HTTP handler exits after sending this reply

@@ -8,11 +8,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from metald.backends.firecracker.handle import FcHandle, is_vmm_of, mismatch
-from metald.backends.firecracker.launch import DirectLauncher, OwnJailerLauncher
+from metald.backends.firecracker.launch import DirectLauncher
+from metald.backends.firecracker.logcap import allocated_bytes, punch_hole
 from metald.backends.firecracker.metrics import MetricsFile
+from metald.backends.firecracker.own_jailer import OwnJailerLauncher, cgroup_args
 from metald.backends.firecracker.validation import boot_args
 from metald.backends.procfs import read_stat
+from metald.config import Settings
 from metald.core.models import BootSpec, NetworkAllocation
+from metald.jailer.cgroup import CgroupFs
+from metald.jailer.jailer import Jailer
+from metald.jailer.resource_limits import limits_for
 
 
 def line(rx: int, read: int) -> str:
@@ -73,29 +79,39 @@ def test_direct_launcher_enters_the_namespace(tmp_path: Path) -> None:
 
 
 def test_own_jailer_launcher(tmp_path: Path) -> None:
-    launcher = OwnJailerLauncher("/usr/local/bin/jailer", "/usr/local/bin/firecracker", 1000, 1001, tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "firecracker-v1.16.1-x86_64").write_bytes(b"")
+    (bin_dir / "firecracker").symlink_to("firecracker-v1.16.1-x86_64")
+    settings = Settings(jailer_chroot_dir=tmp_path, jailer_uid=1000, jailer_gid=1001, jailer_fd_limit=2048)
+    fs = CgroupFs(2, tuple((c, Path("/sys/fs/cgroup")) for c in ("memory", "cpu", "pids")), parent="metald")
+    launcher = OwnJailerLauncher("/usr/local/bin/jailer", str(bin_dir / "firecracker"), Jailer(settings, cgroup_fs=fs))
     launch = launcher.prepare(spec(tmp_path, network=True))
-    root = tmp_path / "firecracker" / "vm-1" / "root"
+    # The jailer names the jail after the canonicalized binary, not the symlink.
+    root = tmp_path / "firecracker-v1.16.1-x86_64" / "vm-1" / "root"
+    limits = limits_for(settings, spec(tmp_path))
     assert launch.argv == [
         "/usr/local/bin/jailer",
         "--id", "vm-1",
-        "--exec-file", "/usr/local/bin/firecracker",
+        "--exec-file", str(bin_dir / "firecracker"),
         "--uid", "1000",
         "--gid", "1001",
         "--chroot-base-dir", str(tmp_path),
         "--netns", "/run/netns/fc-vm-1",
+        "--cgroup-version", "2",
+        "--parent-cgroup", "metald",
+        "--cgroup", f"memory.max={limits.memory_max}",
+        "--cgroup", f"cpu.max={limits.cpu_quota_us} 100000",
+        "--cgroup", f"pids.max={limits.pids_max}",
+        "--resource-limit", "no-file=2048",
         "--",
         "--api-sock", "/run/firecracker.socket",
     ]  # fmt: skip
     assert launch.socket_path == root / "run" / "firecracker.socket"
     assert launch.vmm_path(root / "firecracker.metrics") == "/firecracker.metrics"
-    kernel = tmp_path / "vmlinux"
-    kernel.write_bytes(b"k")
-    if os.geteuid() == 0:  # chown to the jail's uid needs root
-        assert launch.expose(kernel, "vmlinux") == "/vmlinux"
-        assert (root / "vmlinux").stat().st_uid == 1000
-    launcher.discard("vm-1")
-    assert not root.parent.exists()
+    assert launch.expose(tmp_path / "vmlinux", "vmlinux") == "/vmlinux"  # placed by setup
+    assert not root.exists()  # prepare is pure
+    assert cgroup_args(1, limits)[:2] == ["--cgroup", f"memory.limit_in_bytes={limits.memory_max}"]
 
 
 def test_boot_args_keep_the_callers_keys(tmp_path: Path) -> None:
@@ -120,3 +136,20 @@ def test_handle_round_trip_and_identity_check() -> None:
     assert is_vmm_of(argv, "vm-1", "/s.sock")
     assert not is_vmm_of(argv, "vm-2", "/s.sock")
     assert not is_vmm_of(["/fc", "--id", "/s.sock", "--api-sock", "vm-1"], "vm-1", "/s.sock")
+
+
+def test_metrics_reader_skips_a_punched_hole(tmp_path: Path) -> None:
+    path = tmp_path / "m"
+    with open(path, "wb") as fh:  # written at its own offset, as Firecracker does
+        for _ in range(200):
+            fh.write(line(1, 10).encode())
+    reader = MetricsFile(path)
+    assert reader.read_new() == 200
+    punch_hole(path, reader.consumed)
+    assert allocated_bytes(path) < path.stat().st_size  # the read part is freed, the size kept
+    with open(path, "ab") as fh:
+        fh.write(line(5, 50).encode())
+    assert reader.read_new() == 1 and reader.totals.net_rx_bytes == 205
+    fresh = MetricsFile(path)  # a restarted metald: skips the hole and the cut line after it
+    fresh.read_new()
+    assert fresh.totals.bad_lines == 0 and 0 < fresh.totals.net_rx_bytes < 205

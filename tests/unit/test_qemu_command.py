@@ -186,3 +186,15 @@ def test_tcg_tsc_arg(tmp_path: Path) -> None:
     khz = tmp_path / "tsc_freq_khz"
     khz.write_text("3000000\n")
     assert host_tsc_khz(khz, cpuinfo, kmsg) == 3000000
+
+
+def test_tcg_translation_buffer_is_capped(tmp_path: Path) -> None:
+    """QEMU's default TCG buffer (1 GiB) held ~48 MiB resident per booted guest; metald caps it."""
+    from metald.config import Settings
+
+    size = Settings().qemu_tcg_tb_size_mib
+    assert 0 < size <= 32
+    argv = build_argv(make_spec(tmp_path), CommandOptions(accel="tcg", tcg_tb_size_mib=size))
+    assert arg_after(argv, "-accel") == [f"tcg,tb-size={size}"]
+    kvm = build_argv(make_spec(tmp_path), CommandOptions(accel="kvm", tcg_tb_size_mib=size))
+    assert arg_after(kvm, "-accel") == ["kvm"]

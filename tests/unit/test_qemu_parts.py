@@ -17,6 +17,7 @@ from metald.backends.qemu.accel import AccelChooser, probe_kernel_args
 from metald.backends.qemu.backend import exit_reason
 from metald.backends.qemu.metrics import apply_blockstats
 from metald.backends.qemu.validate import validate_spec
+from metald.core import consolelog
 from metald.core.errors import InvalidArgument
 from metald.core.models import BootSpec, Drive, VmMetrics
 
@@ -57,10 +58,13 @@ def test_cap_log_keeps_newest_half(tmp_path: Path) -> None:
     assert console.cap_log(log, 8192)
     data = log.read_bytes()
     assert len(data) <= 4096
-    assert data.startswith(console.TRUNCATED_MARK)
     assert data.endswith(b"line 01999\n")
-    body = data[len(console.TRUNCATED_MARK) :]
+    header_len, base = consolelog.parse_header(data)
+    body = data[header_len:]
     assert body.startswith(b"line ")  # whole lines only
+    # the header names the offset of the first byte kept: 11 bytes per line
+    assert base % 11 == 0 and body.startswith(b"line %05d" % (base // 11))
+    assert base + len(body) == 2000 * 11
     assert not console.cap_log(log, 8192)
 
 
@@ -94,7 +98,7 @@ def test_exit_reasons() -> None:
 
 def test_probe_kernel_args() -> None:
     args = probe_kernel_args("console=ttyS0 metald.vm_id=vm7 ip=10.0.0.2::10.0.0.1:255.0.0.0 quiet")
-    assert args == "console=ttyS0 quiet metald.vm_id=accel-probe"
+    assert args == "console=ttyS0 metald.vm_id=accel-probe"  # not quiet: a live guest prints at once
 
 
 def test_blockstats_sum() -> None:
@@ -190,16 +194,59 @@ async def test_accel_auto_probes_once_and_caches(tmp_path: Path) -> None:
     chooser = AccelChooser("auto", cache, version, prober)
     results = await asyncio.gather(chooser.choose(spec), chooser.choose(spec))
     assert results == ["tcg", "tcg"]
+    await chooser.wait_probes()
     assert calls == ["vm1"]
     assert cache.exists()
     # A new chooser (metald restart) reuses the file.
     again = AccelChooser("auto", cache, version, prober)
     assert await again.choose(spec) == "tcg"
+    await again.wait_probes()
     assert calls == ["vm1"]
     # A different kernel is probed again.
     (tmp_path / "vmlinuz").write_bytes(b"other kernel")
     assert await again.choose(spec) == "tcg"
+    await again.wait_probes()
     assert len(calls) == 2
+
+
+async def test_accel_probe_never_holds_up_a_boot(tmp_path: Path) -> None:
+    """While the KVM probe runs (here: until the test lets it answer) boots get TCG at once;
+    the verdict is cached and used afterwards, also by a restarted metald."""
+    answer = asyncio.Event()
+    calls: list[str] = []
+
+    async def prober(spec: BootSpec) -> tuple[bool, str]:
+        calls.append(spec.vm_id)
+        await answer.wait()
+        return True, "KVM boot reached READY in 0.4s"
+
+    async def version() -> str:
+        return "7.2.0"
+
+    spec = _spec(tmp_path)
+    cache = tmp_path / "accel.json"
+    chooser = AccelChooser("auto", cache, version, prober)
+    await chooser.warm_up(spec)  # at start, in the background
+    assert await asyncio.wait_for(chooser.choose(spec), 30) == "tcg"
+    assert "TCG until it answers" in chooser.last_detail
+    assert calls == ["vm1"]  # one probe, started by warm_up; choose did not start another
+    answer.set()
+    await chooser.wait_probes()
+    assert await chooser.choose(spec) == "kvm"
+    assert await AccelChooser("auto", cache, version, prober).choose(spec) == "kvm"
+    assert calls == ["vm1"]
+
+
+async def test_kvm_that_hangs_is_recognised_by_its_silence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KVM that hangs instead of failing: the probe VMM runs but its guest never prints."""
+    from metald.backends.qemu import accel
+
+    fake = tmp_path / "qemu-hangs"
+    fake.write_text("#!/bin/sh\nexec sleep 600\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(accel.os, "access", lambda path, mode: True)  # as if /dev/kvm were usable
+    ok, detail = await accel.probe_kvm(_spec(tmp_path), str(fake), tmp_path / "probe", timeout=600, silence_s=0.5)
+    assert not ok and "printed nothing" in detail and "KVM hangs" in detail
 
 
 async def test_accel_explicit_modes_never_probe(tmp_path: Path) -> None:

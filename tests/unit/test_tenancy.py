@@ -71,9 +71,66 @@ def test_create_for_another_customer_is_denied(server: RunningServer) -> None:
 
 
 def test_taken_id_of_another_customer_does_not_leak(server: RunningServer) -> None:
+    """A taken id is refused exactly as the owner's own retry is: nothing says another customer has it."""
     assert call(server, A, "CreateVm", {"vmId": "shared-name", "config": CONFIG}).status_code == 200
-    r = call(server, B, "CreateVm", {"vmId": "shared-name", "config": CONFIG})
-    assert r.json()["code"] == "permission_denied" and "acme" not in r.text
+    theirs = call(server, B, "CreateVm", {"vmId": "shared-name", "config": CONFIG})
+    own = call(server, A, "CreateVm", {"vmId": "shared-name", "config": CONFIG})
+    assert (theirs.status_code, theirs.json()) == (own.status_code, own.json())
+    assert theirs.json()["code"] == "already_exists" and "acme" not in theirs.text
+
+
+def raw_call(srv: RunningServer, headers: list[tuple[str, str]], method: str = "ListVms") -> httpx.Response:
+    """A call with exactly these headers (repeats kept)."""
+    return httpx.post(srv.url + SVC + method, json={}, headers=[("content-type", "application/json"), *headers])
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("x-metald-caller", "")],
+        [("x-metald-caller", A), ("x-metald-caller", B)],
+        [("x-metald-caller", A), ("authorization", "Bearer dev_user_acme")],
+        [("authorization", "Bearer dev_user_acme"), ("authorization", "Bearer dev_user_globex")],
+        [("authorization", "Bearer nonsense")],
+        [("authorization", "Basic YWNtZTp4")],
+        [("authorization", "Bearer dev_user_")],
+        [("authorization", "Bearer dev_user_..")],
+        [("authorization", "Bearer dev_user_acme"), ("x-tenant-id", "bad tenant")],
+        [("x-metald-caller", "spiffe://metald.test/customer/..")],
+    ],
+    ids=[
+        "empty", "repeated", "header-and-token", "repeated-token", "bad-token", "basic",
+        "empty-id", "dotdot-id", "bad-tenant", "dotdot-spiffe",
+    ],
+)
+def test_malformed_caller_is_refused_not_operator(server: RunningServer, headers: list[tuple[str, str]]) -> None:
+    call(server, OPERATOR, "CreateVm", {"vmId": "ops-9", "config": CONFIG})
+    r = raw_call(server, headers)
+    assert r.status_code == 401 and r.json()["code"] == "unauthenticated", r.text
+    assert r.json()["message"]
+
+
+@pytest.mark.parametrize("kind", ["dev_user", "dev_customer"])
+def test_dev_tokens_name_the_customer(server: RunningServer, kind: str) -> None:
+    assert call(server, A, "CreateVm", {"vmId": "acme-7", "config": CONFIG}).status_code == 200
+    assert call(server, B, "CreateVm", {"vmId": "globex-7", "config": CONFIG}).status_code == 200
+    r = raw_call(server, [("authorization", f"Bearer {kind}_acme"), ("x-tenant-id", "team-1")])
+    assert r.status_code == 200 and [v["vmId"] for v in r.json()["vms"]] == ["acme-7"]
+    r = raw_call(server, [("authorization", f"Bearer {kind}_globex")], "GetVmInfo")
+    assert r.status_code == 400  # vm_id missing: the token was accepted
+    with httpx.Client() as http:
+        r = http.post(
+            server.url + SVC + "GetVmInfo", json={"vmId": "acme-7"}, headers={"authorization": f"Bearer {kind}_globex"}
+        )
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
+
+
+def test_trust_domain_applies_to_the_header(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, spiffe_trust_domain="metald.test")
+    with serve_in_thread(settings, FakeBackend()) as srv:
+        assert call(srv, A, "ListVms", {}).status_code == 200
+        r = call(srv, "spiffe://elsewhere.test/customer/acme", "ListVms", {})
+        assert r.status_code == 403 and r.json()["code"] == "permission_denied"
 
 
 def test_operator_acts_on_all(server: RunningServer) -> None:

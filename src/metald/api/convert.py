@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 from typing import cast
 
 from metald.core.engine import VmView
-from metald.core.errors import InvalidArgument
 from metald.core.models import VmMetrics
 from metald.core.records import VmRecord
 from metald.gen.metal.vmprovisioner.v1 import vm_pb2 as pb
@@ -81,29 +77,3 @@ def vm_info_response(view: VmView) -> pb.GetVmInfoResponse:
             )
         )
     return response
-
-
-def _filter_key(states: list[int], scope: str) -> str:
-    return hashlib.sha256(json.dumps([states, scope]).encode()).hexdigest()[:12]
-
-
-def encode_page_token(after_seq: int, states: list[int], scope: str) -> str:
-    """Opaque to clients: the position and a fingerprint of the filter it belongs to."""
-    raw = json.dumps({"a": after_seq, "f": _filter_key(states, scope)}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_page_token(token: str, states: list[int], scope: str) -> int:
-    if not token:
-        return 0
-    if len(token) > 256:
-        raise InvalidArgument("page_token", "is not a token returned by ListVms")
-    try:
-        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        after = int(data["a"])
-        key = data["f"]
-    except Exception:
-        raise InvalidArgument("page_token", "is not a token returned by ListVms") from None
-    if key != _filter_key(states, scope) or after < 0:
-        raise InvalidArgument("page_token", "belongs to a different state_filter")
-    return after

@@ -27,6 +27,14 @@ _CODES: list[tuple[type[Exception], Code]] = [
 def to_connect(exc: BaseException) -> ConnectError:
     if isinstance(exc, ConnectError):
         return exc
+    if isinstance(exc, e.BackendError) or not isinstance(exc, e.MetaldError):
+        # a step's failure (wrapped as BackendError by the runner) may come from storage
+        from metald.store.storage import translate
+
+        storage = translate(exc)  # full, read-only or failing storage: unavailable, and say so
+        if storage is not None:
+            log.warning("%s", storage)
+            return ConnectError(Code.UNAVAILABLE, str(storage))
     for kind, code in _CODES:
         if isinstance(exc, kind):
             return ConnectError(code, str(exc))

@@ -11,9 +11,10 @@ from connectrpc.request import RequestContext
 
 from metald.api import auth, convert, validate
 from metald.api.errors import to_connect
+from metald.api.pagetoken import PageTokens, load_key
 from metald.config import Settings
 from metald.core.engine import VmEngine
-from metald.core.errors import PermissionDenied
+from metald.core.errors import AlreadyExists
 from metald.gen.metal.vmprovisioner.v1 import vm_pb2 as pb
 
 T = TypeVar("T")
@@ -30,9 +31,10 @@ async def _engine(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
 
 
 class VmServiceImpl:
-    def __init__(self, engine: VmEngine, settings: Settings) -> None:
+    def __init__(self, engine: VmEngine, settings: Settings, page_tokens: PageTokens | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.page_tokens = page_tokens or PageTokens(load_key(settings.data_dir))
 
     async def _operation(self, operation: str | None, call: Callable[[], Awaitable[T]]) -> T:
         """Run a handler, turning errors into RPC errors. A lifecycle ``operation``
@@ -63,9 +65,10 @@ class VmServiceImpl:
             vm_id = validate.new_vm_id(request.vm_id)
             customer = auth.customer_for_create(validate.customer_id(request.customer_id))
             existing = self.engine.store.get_vm(vm_id)
-            if existing is not None and not auth.current().may_see(existing.customer_id):
-                # Another tenant's id: refuse without saying whose it is.
-                raise PermissionDenied(f"vm_id {vm_id} cannot be used")
+            if existing is not None:
+                # VM ids are one namespace per host: a taken id is refused the same way whoever owns it,
+                # so the answer says the id is taken, never that another customer has it.
+                raise AlreadyExists(f"vm {vm_id} already exists")
             limits = self.engine.backend.limits()
             draft = validate.vm_config(request.config, self.settings, request.HasField("config"), limits)
             row = await _engine(
@@ -148,10 +151,10 @@ class VmServiceImpl:
             size = validate.page_size(request.page_size)
             customer = auth.list_scope()
             scope = customer if customer is not None else "*"
-            after = convert.decode_page_token(request.page_token, states, scope)
+            after = self.page_tokens.decode(request.page_token, states, scope)
             page = self.engine.list(states, size, after, customer)
             token = (
-                convert.encode_page_token(page.last_seq, states, scope)
+                self.page_tokens.encode(page.last_seq, states, scope)
                 if page.last_seq is not None
                 else ""
             )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 
-from metald.api.tls import IdentityPolicy, ServerTls, TlsError, server_context, trust_domain_of
+from metald.api.tls import IdentityPolicy, ServerTls, TlsError, trust_domain_of
 from metald.config import Settings
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ class SpiffeTls(ServerTls):
             _PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         ca = "".join(cert.public_bytes(_PEM).decode() for cert in bundle.x509_authorities)
-        self.install(server_context(chain, key, ca), svid.leaf.serial_number)
+        self.install(chain, key, ca, svid.leaf.serial_number)
         self.spiffe_id = spiffe_id
 
     def _on_update(self) -> None:
@@ -138,6 +138,7 @@ class SpiffeTls(ServerTls):
             self._on_update()
 
     async def start(self) -> None:
+        await super().start()
         self._task = asyncio.create_task(self._watch(), name="metald-tls-spiffe")
 
     async def close(self) -> None:

@@ -5,22 +5,17 @@
 agent, see :mod:`metald.api.spiffe`). With TLS on, every connection needs a
 client certificate that chains to the trusted CA: the health endpoints too.
 
-How this fits hypercorn:
+How this fits the server (:mod:`metald.api.server`, h2corn):
 
-* Rotation. Hypercorn asks its Config for an ``SSLContext`` once, at start.
-  :class:`TlsConfig` hands it the *front* context, which :class:`ServerTls` owns
-  for the life of the process. Its ``sni_callback`` (run by OpenSSL on every
-  ClientHello, with or without SNI) moves the connection onto the *current*
-  context, built fresh from the newest certificate, key and trust bundle.
-  Rotating is building a context and swapping one reference: open connections
-  keep what they shook hands with, new ones get the new material. (Reloading one
-  context in place is not enough: ``load_verify_locations`` only ever adds CAs,
-  so a CA removed from the bundle would stay trusted.)
-* Peer identity. Hypercorn does not put the client certificate into the ASGI
-  scope. :func:`install_peer_hook` wraps ``hypercorn.asyncio.tcp_server.TCPServer.run``:
-  for a server run with a :class:`TlsConfig` it records the connection's verified
-  peer certificate under ``(scope["client"], scope["server"])`` until the
-  connection closes; :meth:`ServerTls.peer_identity` reads it back for a request.
+* Rotation. :class:`ServerTls` holds the current certificate chain, key and trust
+  bundle (:class:`TlsMaterial`) and sets ``changed`` when they are replaced; the
+  server then starts a new generation on the same listening socket and lets the
+  old one drain. Open connections keep what they shook hands with, new ones get
+  the new material, and a CA removed from the bundle is no longer trusted.
+* Peer identity. The server verifies the client certificate during the
+  handshake and puts the chain into the ASGI scope
+  (``scope["extensions"]["tls"]["client_cert_chain"]``, PEM, leaf first);
+  :meth:`ServerTls.peer_identity` reads the leaf's SPIFFE ID from there.
 """
 
 from __future__ import annotations
@@ -32,15 +27,12 @@ import logging
 import os
 import re
 import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from hypercorn.asyncio.tcp_server import TCPServer
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.utils import parse_socket_addr
 
 from metald.config import Settings
 from metald.core.errors import PermissionDenied, Unauthenticated
@@ -49,9 +41,6 @@ log = logging.getLogger(__name__)
 
 ALPN = ["h2", "http/1.1"]  # gRPC needs h2
 _SPIFFE_ID = re.compile(r"^spiffe://([a-z0-9._-]+)((?:/[A-Za-z0-9._-]+)+)$")
-
-Address = tuple[str, int] | None
-ConnectionKey = tuple[Address, Address]
 
 
 class TlsError(Exception):
@@ -110,7 +99,7 @@ def serial_of(chain_pem: bytes) -> int:
 # --- peers --------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class Peer:
-    """The verified client certificate of one live connection."""
+    """The verified client certificate of one connection."""
 
     spiffe_id: str | None
     not_after: datetime.datetime
@@ -121,67 +110,21 @@ class Peer:
         return cls(spiffe_id_of(cert), cert.not_valid_after_utc)
 
 
-@dataclass
-class PeerRegistry:
-    """Peer certificates of live TLS connections, keyed as hypercorn's scope names the connection."""
-
-    peers: dict[ConnectionKey, Peer] = field(default_factory=dict)
-
-    def lookup(self, scope: dict[str, Any]) -> Peer | None:
-        client, server = scope.get("client"), scope.get("server")
-        key = (tuple(client) if client else None, tuple(server) if server else None)
-        return self.peers.get(key)  # type: ignore[arg-type]
-
-    def add(self, key: ConnectionKey, peer: Peer) -> None:
-        self.peers[key] = peer
-
-    def discard(self, key: ConnectionKey, peer: Peer) -> None:
-        """Forget peer, unless its address now belongs to a newer connection."""
-        if self.peers.get(key) is peer:
-            del self.peers[key]
-
-    def __len__(self) -> int:
-        return len(self.peers)
+@functools.lru_cache(maxsize=1024)
+def peer_from_pem(pem: str) -> Peer | None:
+    """The peer of a PEM leaf certificate (cached: one parse per client certificate, not per request)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+    except ValueError:
+        return None
+    return Peer(spiffe_id_of(cert), cert.not_valid_after_utc)
 
 
-def install_peer_hook() -> None:
-    """Wrap hypercorn's asyncio ``TCPServer.run`` (once per process) to record peer certificates.
-
-    Only servers whose Config is a :class:`TlsConfig` are affected: before hypercorn
-    starts the connection, the wrapper reads ``ssl_object.getpeercert(binary_form=True)``
-    (verified: the handshake with ``CERT_REQUIRED`` is complete by then) and stores it
-    in that config's :class:`PeerRegistry` under ``(client, server)`` computed exactly as
-    hypercorn computes ``scope["client"]``/``scope["server"]``; the entry is removed when
-    the connection ends.
-    """
-    if getattr(TCPServer.run, "_metald_peer_hook", False):
-        return
-    original: Callable[[TCPServer], Awaitable[None]] = TCPServer.run
-
-    @functools.wraps(original)
-    async def run(self: TCPServer) -> None:
-        tls = getattr(self.config, "metald_tls", None)
-        ssl_object = self.writer.get_extra_info("ssl_object")
-        if not isinstance(tls, ServerTls) or ssl_object is None:
-            return await original(self)
-        try:
-            sock = self.writer.get_extra_info("socket")
-            client = parse_socket_addr(sock.family, sock.getpeername())
-            key = (client, parse_socket_addr(sock.family, sock.getsockname()))
-            der = ssl_object.getpeercert(binary_form=True)
-            peer = Peer.from_der(der) if der else None
-        except (OSError, ValueError):
-            return await original(self)  # peer gone (hypercorn handles it) or unreadable cert (no identity)
-        if peer is None:
-            return await original(self)
-        tls.peers.add(key, peer)
-        try:
-            await original(self)
-        finally:
-            tls.peers.discard(key, peer)
-
-    run._metald_peer_hook = True  # type: ignore[attr-defined]
-    TCPServer.run = run  # type: ignore[method-assign]
+def peer_of(scope: dict[str, Any]) -> Peer | None:
+    """The verified client certificate of the request's connection, from the server's ASGI TLS extension."""
+    tls = (scope.get("extensions") or {}).get("tls") or {}
+    chain = tls.get("client_cert_chain") or ()
+    return peer_from_pem(chain[0]) if chain else None
 
 
 # --- policy -------------------------------------------------------------------
@@ -208,65 +151,55 @@ class IdentityPolicy:
 
 
 # --- server TLS ---------------------------------------------------------------
+@dataclass(frozen=True)
+class TlsMaterial:
+    """What the server presents and trusts: PEM chain and key, and the PEM CA bundle for client certificates."""
+
+    chain_pem: bytes
+    key_pem: bytes
+    ca_pem: bytes
+    serial: int
+
+
 class ServerTls:
-    """A long-lived front SSLContext for hypercorn, the current material behind it, and connection peers."""
+    """The current TLS material of the API server, and the policy for its clients."""
 
     mode = "tls"
 
     def __init__(self, policy: IdentityPolicy) -> None:
         self.policy = policy
-        self.peers = PeerRegistry()
-        self._front: ssl.SSLContext | None = None
-        self._current: ssl.SSLContext | None = None
+        self._material: TlsMaterial | None = None
+        self._lock = threading.Lock()  # install() may run in a SPIFFE source thread
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.changed = asyncio.Event()  # set (on the server's loop) when new material is installed
         self.serial: int | None = None  # of the server certificate now served
 
-    @property
-    def front(self) -> ssl.SSLContext:
-        if self._front is None:
-            raise TlsError("no server certificate loaded")
-        return self._front
+    def material(self) -> TlsMaterial:
+        with self._lock:
+            if self._material is None:
+                raise TlsError("no server certificate loaded")
+            return self._material
 
-    def install(self, ctx: ssl.SSLContext, serial: int) -> None:
-        """Serve ctx to every new connection from now on (the first one becomes the front context)."""
-        if self._front is None:
-            ctx.sni_callback = self._on_client_hello
-            self._front = ctx
-        self._current = ctx
-        self.serial = serial
-
-    def _on_client_hello(self, conn: ssl.SSLObject | ssl.SSLSocket, _name: str | None, ctx: ssl.SSLContext) -> None:
-        current = self._current
-        if current is not None and current is not ctx:
-            conn.context = current
+    def install(self, chain_pem: bytes, key_pem: bytes, ca_pem: str, serial: int) -> None:
+        """Serve this material to every new connection from now on (checked first: ssl.SSLError if unusable)."""
+        server_context(chain_pem, key_pem, ca_pem)  # validates chain, key and bundle together
+        with self._lock:
+            self._material = TlsMaterial(chain_pem, key_pem, ca_pem.encode("ascii", "replace"), serial)
+            self.serial = serial
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.changed.set)
 
     def peer_identity(self, scope: dict[str, Any]) -> str | None:
         """The request's caller: the SPIFFE ID of its connection's client certificate (see IdentityPolicy)."""
-        return self.policy.check(self.peers.lookup(scope))
-
-    def hypercorn_config(self) -> TlsConfig:
-        return TlsConfig(self)
+        return self.policy.check(peer_of(scope))
 
     async def start(self) -> None:
         """Begin watching for new material."""
+        self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
         """Stop watching."""
-
-
-class TlsConfig(HypercornConfig):
-    """Hypercorn settings serving TLS from a ServerTls's front context (no certfile/keyfile needed)."""
-
-    def __init__(self, tls: ServerTls) -> None:
-        super().__init__()
-        self.metald_tls = tls
-        self.ssl_handshake_timeout = 10
-
-    @property
-    def ssl_enabled(self) -> bool:
-        return True
-
-    def create_ssl_context(self) -> ssl.SSLContext:
-        return self.metald_tls.front
 
 
 class FileTls(ServerTls):
@@ -305,8 +238,7 @@ class FileTls(ServerTls):
         """Read the three files and serve them to new connections."""
         stamp = self._stat()
         cert, key, ca = (p.read_bytes() for p in self.files)
-        ctx = server_context(cert, key, ca.decode("ascii", "replace"))
-        self.install(ctx, serial_of(cert))
+        self.install(cert, key, ca.decode("ascii", "replace"), serial_of(cert))
         self._stamp = stamp
 
     def reload_if_changed(self) -> bool:
@@ -331,6 +263,7 @@ class FileTls(ServerTls):
             self.reload_if_changed()
 
     async def start(self) -> None:
+        await super().start()
         self._task = asyncio.create_task(self._watch(), name="metald-tls-files")
 
     async def close(self) -> None:
@@ -350,7 +283,6 @@ async def open_tls(settings: Settings) -> ServerTls | None:
         from metald.api.spiffe import SpiffeTls
 
         tls = await asyncio.to_thread(SpiffeTls.from_settings, settings)
-    install_peer_hook()
     await tls.start()
     log.info("API TLS ready", extra={"mode": tls.mode, "serial": f"{tls.serial:x}"})
     return tls

@@ -71,7 +71,7 @@ def new_vm_id(value: str) -> str:
 def customer_id(value: str) -> str:
     if not value:
         return ""
-    if not CUSTOMER_ID_RE.match(value):
+    if not CUSTOMER_ID_RE.match(value) or value in (".", ".."):
         raise InvalidArgument(
             "customer_id", "must be 1-128 characters of letters, digits and ._:@/+=-"
         )
@@ -202,6 +202,8 @@ def metadata(values: Mapping[str, str], field: str) -> tuple[tuple[str, str], ..
             raise InvalidArgument(f"{field}.{key[:32]}", "key must be 1-128 printable characters")
         if len(value) > MAX_METADATA_VALUE:
             raise InvalidArgument(f"{field}.{key}", f"value longer than {MAX_METADATA_VALUE}")
+        if "\x00" in value:  # SQLite, logs and the guest's command line would cut the value there
+            raise InvalidArgument(f"{field}.{key}", "value must not contain NUL characters")
     return tuple(sorted(items.items()))
 
 
@@ -278,7 +280,10 @@ def vm_config(config: pb.VmConfig, settings: Settings, has_config: bool, limits:
         raise InvalidArgument("config.storage", f"at most {MAX_DRIVES} devices")
     drives: list[Drive] = []
     seen: set[str] = set()
+    docker_image = _image_ref(config)
     for i, dev in enumerate(config.storage):
+        if "docker_image" in dev.options:
+            continue  # the root disk made from a container image (_image_ref checked it)
         f = f"config.storage[{i}]"
         drive_id = dev.id or f"drive{i}"
         if not DEVICE_ID_RE.match(drive_id):
@@ -295,7 +300,7 @@ def vm_config(config: pb.VmConfig, settings: Settings, has_config: bool, limits:
         if dev.is_root_device and any(d.is_root for d in drives):
             raise InvalidArgument(f"{f}.is_root_device", "only one root device is allowed")
         drives.append(Drive(drive_id, path, dev.read_only, dev.is_root_device))
-    if not config.storage and not boot.kernel_path:
+    if not config.storage and not boot.kernel_path and not docker_image:
         rootfs = image / "rootfs.ext4"
         if rootfs.is_file():
             # The bundled root filesystem is shared by every VM, hence read-only.
@@ -331,7 +336,39 @@ def vm_config(config: pb.VmConfig, settings: Settings, has_config: bool, limits:
         nic=nic,
         console_enabled=enabled,
         metadata=metadata(config.metadata, "config.metadata"),
+        image=docker_image,
     )
+
+
+def _image_ref(config: pb.VmConfig) -> str:
+    """The container image the root disk comes from (docs/images.md), or ""."""
+    from metald.images.reference import parse
+
+    found: list[tuple[str, str]] = []
+    for i, dev in enumerate(config.storage):
+        f = f"config.storage[{i}]"
+        if "docker_image" not in dev.options:
+            continue
+        extra = sorted(set(dev.options) - {"docker_image"})
+        if extra:
+            raise InvalidArgument(f"{f}.options.{extra[0]}", "unknown drive option (only docker_image is supported)")
+        if dev.path:
+            raise InvalidArgument(f"{f}.path", "must be empty when options.docker_image is given")
+        if dev.read_only:
+            raise InvalidArgument(f"{f}.read_only", "an image's root disk is the VM's own writable copy")
+        if any(d.is_root_device for j, d in enumerate(config.storage) if j != i):
+            raise InvalidArgument(
+                f"{f}.options.docker_image", "the image's disk is the root device; another is marked root"
+            )
+        found.append((f"{f}.options.docker_image", dev.options["docker_image"]))
+    if "docker_image" in config.metadata:
+        found.append(("config.metadata.docker_image", config.metadata["docker_image"]))
+    if not found:
+        return ""
+    refs = {str(parse(value, field)) for field, value in found}
+    if len(refs) > 1:
+        raise InvalidArgument(found[-1][0], "names a different image than " + found[0][0])
+    return refs.pop()
 
 
 def shutdown_timeout(value: int) -> int:

@@ -129,7 +129,7 @@ def check_cgroups(s: Settings) -> Finding:
             f"cgroup {kind}: controllers {', '.join(missing)} unavailable",
             "boot with systemd.unified_cgroup_hierarchy=1 or mount the missing v1 controllers",
         )
-    return Finding("cgroups", "ok", f"cgroup {kind}: memory, cpu, pids")
+    return Finding("cgroups", "ok", f"cgroup {kind}: memory, cpu, pids; VMs under {s.jailer_cgroup_parent}/")
 
 
 def _dir_check(name: str, attr: str, mode_hint: str) -> Check:
@@ -228,6 +228,31 @@ def check_leftovers(s: Settings) -> Finding:
     return Finding("leftovers", "ok", "no namespaces of unknown VMs")
 
 
+def check_orphans(s: Settings) -> Finding:
+    """VMs on this host with no record in the store (a lost or replaced database)."""
+    from metald.recovery import orphans
+
+    known = _store_vm_ids(s)
+    empty = not known and not _store_has_events(s)
+    found = orphans.scan(s, known or set(), empty)
+    if found:
+        return Finding("orphans", "fail", found.summary(),
+                       "metald recover adopt (then restart metald), or metald cleanup --force")
+    return Finding("orphans", "ok", "every VM on this host has a record in the store")
+
+
+def _store_has_events(s: Settings) -> bool:
+    if not s.db_path.exists():
+        return False
+    db = sqlite3.connect(f"file:{s.db_path}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT 1 FROM events LIMIT 1").fetchone() is not None
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()
+
+
 def check_nat(s: Settings) -> Finding:
     nft = shutil.which("nft")
     if not nft:
@@ -255,9 +280,15 @@ CHECKS: list[Check] = [
     check_jailer,
     check_spiffe,
     check_image,
+    # container images (docs/images.md): without these only VMs from files run
+    _binary("skopeo", "skopeo", blocking=False),
+    _binary("umoci", "umoci", blocking=False),
+    _binary("qemu-img", "qemu-utils", blocking=False),
+    _binary("gcc", "gcc libc6-dev", blocking=False),
     check_ip_pool,
     check_nat,
     check_leftovers,
+    check_orphans,
 ]
 
 

@@ -100,6 +100,12 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return asyncio.run(cleanup(_settings_or_exit(), args))
 
 
+def cmd_recover_adopt(args: argparse.Namespace) -> int:
+    from metald.cli.recover import adopt
+
+    return adopt(_settings_or_exit(), args)
+
+
 # --- client ------------------------------------------------------------------
 def _client(args: argparse.Namespace) -> Any:
     from metald.gen.metal.vmprovisioner.v1.vm_connect import VmServiceClientSync
@@ -156,6 +162,11 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
     for item in args.meta or []:
         key, _, value = item.partition("=")
         config.metadata[key] = value
+    if args.image:  # the root disk from a container image; --env sets env.NAME metadata
+        config.storage.append(pb.StorageDevice(id="root", is_root_device=True, options={"docker_image": args.image}))
+    for item in args.env or []:
+        key, _, value = item.partition("=")
+        config.metadata[f"env.{key}"] = value
     with _client(args) as client:
         response = client.create_vm(
             pb.CreateVmRequest(vm_id=args.id or "", config=config, customer_id=args.customer or "")
@@ -269,7 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cleanup", help="remove leftovers; the host setup too when no VM remains")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--force", action="store_true",
+                   help="also kill and remove VMs running with no record in the store (orphans)")
     p.set_defaults(func=cmd_cleanup)
+    p = sub.add_parser("recover", help="take VMs running with no record in the store back into it")
+    rsub = p.add_subparsers(dest="recover_command", required=True)
+    p = rsub.add_parser("adopt", help="write orphan VMs into the store from their VMM and namespace")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_recover_adopt)
     p = sub.add_parser("doctor", help="check the host's prerequisites")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=lambda a: __import__("metald.cli.doctor", fromlist=["main"]).main(a))
@@ -295,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tx-rate", help="guest transmit limit, bytes/s")
     c.add_argument("--customer")
     c.add_argument("--meta", action="append", help="KEY=VALUE, repeatable")
+    c.add_argument("--image", help="container image to run (registry/repo:tag); see docs/images.md")
+    c.add_argument("--env", action="append", help="NAME=VALUE for the image's workload, repeatable")
     c.add_argument("--boot", action="store_true", help="boot it right away")
     c.set_defaults(func=cmd_vm_create)
 
@@ -327,6 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=0)
     p.add_argument("--all", action="store_true", help="follow page tokens")
     p.set_defaults(func=cmd_vm_list)
+    from metald.cli.streams import add_parsers
+
+    add_parsers(sub, vsub, DEFAULT_SERVER)  # metald events, metald vm logs
+
+    from metald.cli import images
+
+    images.add_parser(sub)
     return parser
 
 
@@ -334,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         from connectrpc.errors import ConnectError
 

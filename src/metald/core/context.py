@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from metald.config import Settings
 from metald.core.errors import BackendError, MetaldError, NotFound
+from metald.core.imageport import ImagePort
 from metald.core.layout import VmLayout
 from metald.core.lifecycle import plain_files, state_name
 from metald.core.models import BootSpec, NetworkAllocation, VmState
@@ -45,8 +46,10 @@ class Context:
         backend: Backend,
         network: Network | None,
         step_observers: list[StepObserver],
+        images: ImagePort | None = None,
     ) -> None:
         self.settings = settings
+        self.images = images  # container images as root disks (metald.images)
         self.store = store
         self.backend = backend
         self.network = network
@@ -163,10 +166,19 @@ class Context:
         self.record_stopped(row, reason)
         self.event(row.vm_id, "reconcile", "shutdown", reason)
 
-    def event(self, vm_id: str, operation: str, outcome: str, detail: str = "") -> None:
+    def event(
+        self,
+        vm_id: str,
+        operation: str,
+        outcome: str,
+        detail: str = "",
+        *,
+        code: str = "",
+        customer_id: str | None = None,
+    ) -> None:
         """Append to the event log; a failed append is logged, never the operation's error."""
         try:
-            self.store.add_event(vm_id, operation, outcome, detail)
+            self.store.add_event(vm_id, operation, outcome, detail, code=code, customer_id=customer_id)
         except Exception as exc:
             log.warning("event not recorded: %s", exc, extra={"event": f"{operation} {outcome}"})
 

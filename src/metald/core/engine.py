@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from metald.config import Settings
 from metald.core.context import Context
 from metald.core.errors import AlreadyExists
+from metald.core.imageport import ImagePort
 from metald.core.lifecycle import ACTIVE, ReconcileReport, state_name
 from metald.core.models import NetworkAllocation, VmDraft, VmMetrics, VmState
 from metald.core.operations import (
@@ -33,7 +34,7 @@ from metald.core.operations import (
     ShutdownRequest,
 )
 from metald.core.plan import StepObserver
-from metald.core.ports import Backend, Network, Repository
+from metald.core.ports import Backend, Network, OrphanScan, Repository
 from metald.core.reconcile import Reconciler
 from metald.core.records import VmRecord
 from metald.core.runner import OperationObserver, Runner
@@ -65,8 +66,11 @@ class VmEngine:
         network: Network | None,
         step_observers: list[StepObserver] | None = None,
         operation_observers: list[OperationObserver] | None = None,
+        images: ImagePort | None = None,
+        orphan_scan: OrphanScan | None = None,
     ) -> None:
         self.settings = settings
+        self.images = images  # container images as root disks (metald.images)
         self.store = store
         self.backend = backend
         self.network = network
@@ -74,10 +78,10 @@ class VmEngine:
         self.operation_observers: list[OperationObserver] = (
             operation_observers if operation_observers is not None else []
         )
-        self.ctx = Context(settings, store, backend, network, self.step_observers)
+        self.ctx = Context(settings, store, backend, network, self.step_observers, images)
         self.runner = Runner(self.ctx, self.operation_observers)
         self.operations = Operations(self.ctx)
-        self.reconciler = Reconciler(self.ctx, self.runner, self.operations)
+        self.reconciler = Reconciler(self.ctx, self.runner, self.operations, orphan_scan)
         backend.set_exit_callback(self.runner.on_vmm_exit)
 
     # --- operations ------------------------------------------------------------
@@ -118,9 +122,8 @@ class VmEngine:
 
     # --- reads -----------------------------------------------------------------
     async def get(self, vm_id: str) -> VmView:
-        if vm_id in self.reconciler.unsettled:
-            async with self.runner.lock(vm_id):
-                await self.reconciler.settle(vm_id)
+        if vm_id in self.reconciler.unsettled:  # attach the adopted VMM, but never wait on it long (core.bounds)
+            await self.reconciler.settle_briefly(vm_id)
         row = self.ctx.row(vm_id)
         alloc = self.ctx.alloc(row)
         metrics = VmMetrics()

@@ -2,47 +2,56 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class MetaldError(Exception):
     """Base for every error metald reports to a caller."""
 
+    # The RPC code name it becomes (as api/errors.py maps it), recorded in failure events.
+    code: ClassVar[str] = "internal"
+
 
 class InvalidArgument(MetaldError):
+    code: ClassVar[str] = "invalid_argument"
+
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
 
 
 class NotFound(MetaldError):
-    pass
+    code: ClassVar[str] = "not_found"
 
 
 class AlreadyExists(MetaldError):
-    pass
+    code: ClassVar[str] = "already_exists"
 
 
 class FailedPrecondition(MetaldError):
-    pass
+    code: ClassVar[str] = "failed_precondition"
 
 
 class ResourceExhausted(MetaldError):
-    pass
+    code: ClassVar[str] = "resource_exhausted"
 
 
 class PermissionDenied(MetaldError):
-    pass
+    code: ClassVar[str] = "permission_denied"
 
 
 class Unauthenticated(MetaldError):
-    pass
+    code: ClassVar[str] = "unauthenticated"
 
 
 class Unavailable(MetaldError):
-    pass
+    code: ClassVar[str] = "unavailable"
 
 
 class BackendError(MetaldError):
     """The VMM or a host facility refused or failed an operation."""
+
+    code: ClassVar[str] = "unavailable"
 
 
 class StepFailed(MetaldError):

@@ -23,6 +23,7 @@ class ReconcileReport:
     completed: list[str] = field(default_factory=list)
     leftovers_removed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)  # VMs found with no record: nothing swept
     seconds: float = 0.0
 
 

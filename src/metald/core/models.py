@@ -76,6 +76,7 @@ class BootSpec:
     run_dir: Path  # per-VM directory for sockets, logs, console
     console_log: Path
     console_enabled: bool = True
+    extra_files: tuple[Path, ...] = ()  # read-only files the VMM opens by name (a qcow2 backing file)
 
 
 @dataclass
@@ -127,3 +128,5 @@ class VmDraft:
     nic: NicRequest | None  # None: no NIC requested (network still set up if enabled)
     console_enabled: bool = True
     metadata: tuple[tuple[str, str], ...] = ()
+    image: str = ""  # a container image reference: the root disk is made from it (docs/images.md)
+    extra_files: tuple[Path, ...] = ()

@@ -148,11 +148,24 @@ class IdentityAdopter(Protocol):
         ...
 
 
+class WarmUp(Protocol):
+    """Optional: work a backend starts in the background once metald is up
+    (QEMU's KVM probe: VMs boot under TCG until it answers)."""
+
+    async def warm_up(self) -> None:
+        """Start the work and return at once."""
+        ...
+
+
 class Backend(VmmLifecycle, VmmRecovery, JailKeeper, Protocol):
     """A VMM backend (QEMU, Firecracker): every contract above, plus its options."""
 
     def identity_adopter(self) -> IdentityAdopter | None:
         """The batched adoption this backend offers, if any (read once)."""
+        ...
+
+    def warmer(self) -> WarmUp | None:
+        """The background warm-up this backend needs after start, if any (None: nothing to do)."""
         ...
 
 
@@ -248,10 +261,44 @@ class Repository(Protocol):
 
     def active_memory_bytes(self) -> int: ...
 
-    def add_event(self, vm_id: str, operation: str, outcome: str, detail: str = "") -> None: ...
+    def add_event(
+        self,
+        vm_id: str,
+        operation: str,
+        outcome: str,
+        detail: str = "",
+        *,
+        code: str = "",
+        customer_id: str | None = None,
+    ) -> None:
+        """Append an event (``code``: a failure's error code; ``customer_id``:
+        the owner, for an event before the VM's row exists)."""
+        ...
 
     def begin_intent(self, vm_id: str, operation: str, detail: dict[str, Any] | None = None) -> None: ...
 
     def end_intent(self, vm_id: str) -> None: ...
 
     def intents(self) -> list[Intent]: ...
+
+
+class Orphans(Protocol):
+    """VMs found running on this host with no record in the store."""
+
+    @property
+    def ids(self) -> list[str]: ...
+
+    def __bool__(self) -> bool: ...
+
+    def summary(self) -> str:
+        """One line for the log: how many, which, what to do."""
+        ...
+
+
+class OrphanScan(Protocol):
+    """Finds orphans given the VM ids the store knows (blocking: run in a thread).
+
+    Implemented by ``metald.recovery.orphans``; with orphans present reconcile
+    sweeps nothing. Without a scan (unit tests) the sweep always runs."""
+
+    def __call__(self, known: set[str]) -> Orphans: ...

@@ -22,19 +22,21 @@ answer, the VM handled as a VMM that could not be adopted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import time
 from typing import Any
 
+from metald.core.bounds import UNRESPONSIVE, VMM_READ_BOUND_S
 from metald.core.context import Context
 from metald.core.errors import StepFailed
 from metald.core.layout import TRASH_PREFIX
 from metald.core.lifecycle import ACTIVE, RECONCILE_CONCURRENCY, VM_DIR_RE, ReconcileReport
 from metald.core.logs import log_context
 from metald.core.operations import Operations, Recovery
-from metald.core.ports import IdentityAdopter
+from metald.core.ports import IdentityAdopter, OrphanScan
 from metald.core.records import Intent, VmRecord
 from metald.core.runner import Runner
 
@@ -45,8 +47,11 @@ SETTLE_CONCURRENCY = 32
 
 
 class Reconciler:
-    def __init__(self, ctx: Context, runner: Runner, operations: Operations) -> None:
+    def __init__(
+        self, ctx: Context, runner: Runner, operations: Operations, orphan_scan: OrphanScan | None = None
+    ) -> None:
         self.ctx = ctx
+        self.orphan_scan = orphan_scan
         self.runner = runner
         self.operations = operations
         self.adopter: IdentityAdopter | None = ctx.backend.identity_adopter()  # read once
@@ -79,13 +84,19 @@ class Reconciler:
 
             await asyncio.gather(*(one(row) for row in rows))
             known = {row.vm_id for row in ctx.store.all_vms()}
-            if ctx.network is not None:
-                report.leftovers_removed = await ctx.network.sweep_leftovers(known)
-            swept = await ctx.backend.sweep_leftovers(known)
-            report.leftovers_removed += [i if " " in i else f"jail {i}" for i in swept]
-            report.leftovers_removed += await asyncio.to_thread(self._sweep_run_dirs, known)
+            found = await asyncio.to_thread(self.orphan_scan, known) if self.orphan_scan is not None else None
+            if found:  # a lost or replaced store: never sweep (see metald.recovery.orphans)
+                report.orphans = found.ids
+                log.error("%s", found.summary(), extra={"orphans": found.ids})
+            else:
+                if ctx.network is not None:
+                    report.leftovers_removed = await ctx.network.sweep_leftovers(known)
+                swept = await ctx.backend.sweep_leftovers(known)
+                report.leftovers_removed += [i if " " in i else f"jail {i}" for i in swept]
+                report.leftovers_removed += await asyncio.to_thread(self._sweep_run_dirs, known)
             for item in report.leftovers_removed:
                 log.warning("removed leftover %s", item)
+                ctx.event("", "leftover", "removed", item)
         for names in (report.adopted, report.marked_shutdown, report.rolled_back, report.completed):
             names.sort()
         report.seconds = time.monotonic() - started
@@ -97,6 +108,7 @@ class Reconciler:
                 "rolled_back": len(report.rolled_back),
                 "completed": len(report.completed),
                 "leftovers_removed": len(report.leftovers_removed),
+                "orphans": len(report.orphans),
                 "qmp_pending": len(self.unsettled),
                 "seconds": round(report.seconds, 3),
             },
@@ -156,6 +168,19 @@ class Reconciler:
         if self._settling is not None:
             await asyncio.shield(self._settling)
 
+    async def settle_briefly(self, vm_id: str) -> None:
+        """:meth:`settle` for a read: wait at most VMM_READ_BOUND_S (it goes on in the background)."""
+
+        async def settle() -> None:
+            async with self.runner.lock(vm_id):
+                await self.settle(vm_id)
+
+        task = asyncio.get_running_loop().create_task(settle())
+        self.runner.track(task)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged by settle's callers
+        with contextlib.suppress(Exception):  # TimeoutError included: the read goes on without it
+            await asyncio.wait_for(asyncio.shield(task), VMM_READ_BOUND_S)
+
     async def settle(self, vm_id: str) -> bool | None:
         """Finish the adoption of a VMM adopted on identity (the caller holds the VM's
         lock): attach its control socket and record the VMM's run state; if the
@@ -171,6 +196,13 @@ class Reconciler:
         if self.adopter is None or await self.adopter.attach(vm_id):
             await ctx.sync_run_state(vm_id)
             return True
+        if ctx.backend.is_running(vm_id):
+            # alive (its identity proven) but silent, e.g. stopped by SIGSTOP: keep it, never kill it;
+            # reads report it unresponsive and the next operation tries to attach again
+            why = ctx.why_not_adopted(vm_id)
+            ctx.event(vm_id, "reconcile", UNRESPONSIVE, why)
+            log.warning("adopted VMM is alive but %s: kept as it is: %s", UNRESPONSIVE, why)
+            return None
         reason = f"VMM exited while metald was not running ({ctx.why_not_adopted(vm_id)})"
         await ctx.mark_gone(row, reason)
         log.warning("adopted VMM did not answer: recorded SHUTDOWN: %s", reason)
@@ -212,6 +244,7 @@ class Reconciler:
         _, adopted = await asyncio.gather(network(), adopt())
         if adopted:
             report.adopted.append(vm_id)
+            ctx.event(vm_id, "adopt", "ok", "VMM adopted at start")
         if op is not None:
             assert intent is not None
             await op.recover(Recovery(row, intent, adopted, report))

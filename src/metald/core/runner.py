@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from metald.core.bounds import describe
 from metald.core.context import Context
 from metald.core.errors import BackendError, MetaldError, StepFailed
 from metald.core.lifecycle import ACTIVE
@@ -54,6 +55,8 @@ class Runner:
         ctx, started = self.ctx, time.monotonic()
         with log_context(vm_id=vm_id, operation=op.name):
             async with self.lock(vm_id):
+                customer_id = op.owner(request)
+                ctx.event(vm_id, op.name, "started", customer_id=customer_id)
                 try:
                     if self.settle is not None and self.unsettled(vm_id):
                         await self.settle(vm_id)  # the VMM's run state first
@@ -70,9 +73,14 @@ class Runner:
                     result, detail = planned.answer()
                 except BaseException as exc:
                     self._observe(op.name, "failed", started, exc)
-                    if isinstance(exc, Exception) and ctx.store.get_vm(vm_id) is not None:
-                        ctx.event(vm_id, op.name, "failed", str(exc)[:1000])
-                    log.warning("operation failed: %s", exc)
+                    if isinstance(exc, Exception | asyncio.CancelledError):
+                        cancelled = isinstance(exc, asyncio.CancelledError)
+                        code = exc.code if isinstance(exc, MetaldError) else "canceled" if cancelled else "internal"
+                        ctx.event(vm_id, op.name, "failed", str(exc)[:1000], code=code, customer_id=customer_id)
+                    if isinstance(exc, asyncio.CancelledError):  # client gone or its deadline passed
+                        log.info("operation cancelled: the caller went away or its deadline passed")
+                    else:
+                        log.warning("operation failed: %s", describe(exc))
                     raise
                 ctx.event(vm_id, op.name, "ok", detail)
                 if ctx.store.get_vm(vm_id) is None:
@@ -107,6 +115,8 @@ class Runner:
                 row: VmRecord | None = ctx.store.get_vm(vm_id)
                 if row is None or row.state not in ACTIVE or ctx.backend.is_running(vm_id):
                     return
+                if ctx.images is not None and row.spec.get("image"):
+                    reason = ctx.images.exit_reason(ctx.layout.run_dir(vm_id) / "console.log") or reason
                 status = dict(row.status)
                 status["last_exit"] = reason
                 status["exited_at"] = time.time()

@@ -14,6 +14,7 @@ def draft_to_dict(draft: VmDraft) -> dict[str, Any]:
     data["kernel_path"] = str(draft.kernel_path)
     data["initrd_path"] = str(draft.initrd_path) if draft.initrd_path else None
     data["drives"] = [{**asdict(d), "path": str(d.path)} for d in draft.drives]
+    data["extra_files"] = [str(p) for p in draft.extra_files]
     return data
 
 
@@ -45,6 +46,8 @@ def draft_from_dict(data: dict[str, Any]) -> VmDraft:
         else None,
         console_enabled=data.get("console_enabled", True),
         metadata=tuple((str(k), str(v)) for k, v in data.get("metadata", ())),
+        image=data.get("image", ""),
+        extra_files=tuple(Path(p) for p in data.get("extra_files", ())),
     )
 
 
@@ -78,4 +81,5 @@ def boot_spec(
         run_dir=run_dir,
         console_log=run_dir / "console.log",
         console_enabled=draft.console_enabled,
+        extra_files=draft.extra_files,
     )

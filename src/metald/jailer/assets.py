@@ -51,6 +51,7 @@ def assets_of(spec: BootSpec) -> list[Asset]:
         wanted.append(Asset(spec.initrd_path, False, "config.boot.initrd_path"))
     for i, drive in enumerate(spec.drives):
         wanted.append(Asset(drive.path, not drive.read_only, f"config.storage[{i}].path"))
+    wanted += [Asset(path, False, "docker_image") for path in spec.extra_files]
     by_name: dict[str, Asset] = {}
     for asset in wanted:
         name = asset_name(asset.host_path)

@@ -21,11 +21,12 @@ directory (``metald.jailer.exec`` does that).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -168,13 +169,31 @@ def procs(directory: Path) -> list[int]:
         return []
 
 
-def remove_dirs(dirs: Iterable[Path], timeout: float = 5.0) -> None:
-    """SIGKILL every process in the cgroup directories, then remove them.
+class ForeignProcesses(OSError):
+    """A VM's cgroup holds processes metald cannot prove are that VM's VMM."""
 
-    Idempotent. Raises OSError if a directory cannot be emptied in ``timeout``.
+
+def remove_dirs(dirs: Iterable[Path], timeout: float = 5.0, owned: Callable[[int], bool] | None = None) -> None:
+    """SIGKILL the processes in the cgroup directories, then remove them.
+
+    ``owned`` (see :mod:`metald.jailer.ownership`) says which processes may be
+    killed; with a process it rejects in them, nothing foreign is signalled and
+    ForeignProcesses is raised (the directories stay). Idempotent. Raises
+    OSError if a directory cannot be emptied in ``timeout``.
     """
     dirs = list(dirs)
     deadline = time.monotonic() + timeout
+    if owned is not None:
+        foreign = sorted(pid for pid in {p for d in dirs for p in procs(d)} if not owned(pid))
+        if foreign:
+            for pid in {p for d in dirs for p in procs(d)} - set(foreign):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise ForeignProcesses(
+                errno.EBUSY,
+                f"cgroup {dirs[0]} holds processes {foreign} that are not this VM's VMM; "
+                "left running and the cgroup kept (see UNKEY_METALD_JAILER_CGROUP_PARENT)",
+            )
     for directory in dirs:
         kill = directory / "cgroup.kill"  # v2, Linux 5.14+: kills atomically, forks included
         if kill.exists():
@@ -207,8 +226,8 @@ def remove_dirs(dirs: Iterable[Path], timeout: float = 5.0) -> None:
                 time.sleep(0.02)
 
 
-def remove(paths: CgroupPaths, timeout: float = 5.0) -> None:
-    remove_dirs(paths.dirs, timeout)
+def remove(paths: CgroupPaths, timeout: float = 5.0, owned: Callable[[int], bool] | None = None) -> None:
+    remove_dirs(paths.dirs, timeout, owned)
 
 
 def vm_ids(fs: CgroupFs) -> set[str]:

@@ -10,7 +10,7 @@ this order it:
 3. with ``--new-pid-ns``: unshares a PID namespace and forks; the child (pid 1
    there) goes on, the parent writes the child's host pid to ``--pid-file``,
    forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to it, waits, and
-   exits with its status (128+N if killed by signal N). The child gets
+   exits with its status (killed by signal N: dies by signal N itself). The child gets
    SIGKILL if the parent dies (PR_SET_PDEATHSIG). Do not use it for QEMU:
    its ``-pidfile`` would say 1, ``-sandbox spawn=deny`` already forbids
    forking, and as pid 1 it ignores signals it has no handler for;
@@ -133,8 +133,27 @@ def private_mount_ns() -> None:
 
 def _exit_status(status: int) -> int:
     if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
+        _die_by(os.WTERMSIG(status))
+        return 128 + os.WTERMSIG(status)  # only if that signal did not end this process
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else EXIT_SETUP
+
+
+def _die_by(sig: int) -> None:
+    """End this process by ``sig`` (no core file), so metald sees the VMM's own status.
+
+    An exit code of 128+N would be ambiguous: Firecracker exits on purpose with
+    codes 148-157 (148: seccomp violation).
+    """
+    for step in (
+        lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)),
+        lambda: signal.signal(sig, signal.SIG_DFL),  # fails for SIGKILL/SIGSTOP, which need none
+        lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig]),
+        lambda: os.kill(os.getpid(), sig),
+    ):
+        try:
+            step()
+        except (OSError, ValueError):
+            pass
 
 
 def new_pid_ns(pid_file: str | None) -> None:

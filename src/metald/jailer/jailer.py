@@ -36,7 +36,7 @@ from metald.config import Settings
 from metald.core.errors import BackendError
 from metald.core.models import BootSpec
 from metald.core.plan import FuncStep, Step
-from metald.jailer import assets, cgroup, chroot, devices, layout
+from metald.jailer import assets, cgroup, chroot, devices, layout, ownership
 from metald.jailer.checks import check_settings
 from metald.jailer.layout import Jail
 from metald.jailer.resource_limits import Limits, limits_for
@@ -67,8 +67,9 @@ class Jailer:
     def check_settings(self) -> None:
         """Raise JailerConfigError for settings or a host the jailer cannot work with."""
         found = check_settings(self.settings, self._fs)
-        if found is not None:
-            # the detected hierarchy, under this daemon's own parent (never the default's)
+        if found is not None and self._fs is None:
+            # the detected hierarchy, under this daemon's own parent (never the default's);
+            # a hierarchy given to the constructor (or detected already) is kept as it is
             self._fs = dataclasses.replace(found, parent=self.settings.jailer_cgroup_parent)
 
     def jail_for(self, vmm_name: str, vm_id: str) -> Jail:
@@ -98,6 +99,7 @@ class Jailer:
         if jail.vmm_name in layout.SELF_CONFINING:
             wanted = []  # QEMU opens its files by host path before its own -chroot
         inside = jail.vmm_name not in layout.SELF_CONFINING
+        owned = self.owned_by(jail.vm_id)
 
         def place_all() -> None:
             try:
@@ -124,7 +126,7 @@ class Jailer:
             try:
                 cgroup.create(jail.cgroup, limits)
             except BaseException:
-                cgroup.remove(jail.cgroup)
+                cgroup.remove(jail.cgroup, 5.0, self.owned_by(jail.vm_id))
                 raise
 
         return [
@@ -135,7 +137,7 @@ class Jailer:
             ),
             FuncStep("assets", _in_thread(place_all), _in_thread(remove_all)),
             FuncStep("devices", _in_thread(make_devices), _in_thread(lambda: devices.remove_devices(jail))),
-            FuncStep("cgroup", _in_thread(make_cgroup), _in_thread(lambda: cgroup.remove(jail.cgroup))),
+            FuncStep("cgroup", _in_thread(make_cgroup), _in_thread(lambda: cgroup.remove(jail.cgroup, 5.0, owned))),
         ]
 
     def launch_argv(
@@ -176,9 +178,17 @@ class Jailer:
             out += ["--new-pid-ns", "--pid-file", str(jail.pid_file)]
         return [*out, "--", exe, *argv[1:]]
 
+    def owned_by(self, vm_id: str) -> ownership.Owned:
+        """Which processes in ``vm_id``'s cgroup are its VMM (confined to one of its jail roots)."""
+        roots = [layout.jail_dir(self.settings.jailer_chroot_dir, name, vm_id) / "root" for name in layout.VMM_NAMES]
+        return ownership.vmm_of(roots)
+
     async def cleanup(self, jail: Jail) -> None:
-        """Kill what is left in the VM's cgroup, remove it and the jail tree; idempotent."""
-        await asyncio.to_thread(cgroup.remove, jail.cgroup)
+        """Kill the VM's VMM left in its cgroup, remove it and the jail tree; idempotent.
+
+        A process in the cgroup that is not provably this VM's VMM is never
+        signalled: ForeignProcesses is raised and cgroup and jail stay."""
+        await asyncio.to_thread(cgroup.remove, jail.cgroup, 5.0, self.owned_by(jail.vm_id))
         await asyncio.to_thread(chroot.remove_tree, jail.dir)
 
     async def sweep_leftovers(self, known_vm_ids: set[str]) -> list[str]:
@@ -186,7 +196,19 @@ class Jailer:
         return await asyncio.to_thread(self._sweep, set(known_vm_ids))
 
     def _sweep(self, known: set[str]) -> list[str]:
+        """Cgroups first (a VMM is recognised by its jail root), then the jail trees;
+        a jail whose cgroup could not be emptied is kept."""
         removed: set[str] = set()
+        kept: set[str] = set()
+        for vm_id in sorted(cgroup.vm_ids(self.cgroup_fs) - known):
+            if not layout.VM_ID_RE.match(vm_id):
+                continue
+            try:
+                cgroup.remove(self.cgroup_fs.paths_for(vm_id), 5.0, self.owned_by(vm_id))
+                removed.add(vm_id)
+            except OSError as exc:
+                kept.add(vm_id)
+                log.warning("could not remove leftover cgroup of %s: %s", vm_id, exc)
         for vmm_name in layout.VMM_NAMES:
             base = self.settings.jailer_chroot_dir / vmm_name
             try:
@@ -194,19 +216,11 @@ class Jailer:
             except FileNotFoundError:
                 continue
             for entry in entries:
-                if entry.name in known or not layout.VM_ID_RE.match(entry.name):
+                if entry.name in known or entry.name in kept or not layout.VM_ID_RE.match(entry.name):
                     continue
                 try:
                     chroot.remove_tree(Path(entry.path))
                     removed.add(entry.name)
                 except OSError:
                     log.exception("could not remove leftover jail", extra={"path": entry.path})
-        for vm_id in cgroup.vm_ids(self.cgroup_fs) - known:
-            if not layout.VM_ID_RE.match(vm_id):
-                continue
-            try:
-                cgroup.remove(self.cgroup_fs.paths_for(vm_id))
-                removed.add(vm_id)
-            except OSError:
-                log.exception("could not remove leftover cgroup", extra={"vm_id": vm_id})
         return sorted(removed)

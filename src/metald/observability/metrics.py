@@ -23,11 +23,14 @@ from prometheus_client.registry import Collector
 
 from metald.config import Settings
 from metald.core.models import VmMetrics, VmState
+from metald.store.storage import KINDS as STORAGE_KINDS
+from metald.store.storage import kind_of as storage_kind
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from metald.core.engine import ReconcileReport, VmEngine
+    from metald.core.engine import VmEngine
+    from metald.core.lifecycle import ReconcileReport
     from metald.store.sqlite import Store
 
 log = logging.getLogger(__name__)
@@ -162,6 +165,15 @@ class Metrics:
         self.leftovers = Counter(
             "metald_leftovers_removed", "Leftover devices and rules removed at start-up", registry=r
         )
+        self.storage_errors = Counter(
+            "metald_storage_errors",
+            "State writes that failed because the data directory is full, read-only or failing",
+            ["kind"],
+            registry=r,
+        )
+        self.orphans = Gauge(
+            "metald_orphan_vms", "VMs found at start with no record in the store (nothing swept)", registry=r
+        )
         self.reconcile_seconds = Gauge(
             "metald_reconcile_duration_seconds", "Duration of the last start-up reconcile", registry=r
         )
@@ -171,6 +183,8 @@ class Metrics:
                 self.operations.labels(operation, outcome)
         for reason in EXIT_REASONS:
             self.vmm_exits.labels(reason)
+        for kind in STORAGE_KINDS:
+            self.storage_errors.labels(kind)
         self._store_collector = _StoreCollector(settings)
         self._vm_collector = _VmCollector(settings.metrics_per_vm_labels)
         r.register(self._store_collector)
@@ -197,12 +211,16 @@ class Metrics:
             self.operation_duration.labels(operation).observe(seconds)
         if exc is not None:
             self.failures.labels(operation, type(exc).__name__).inc()
+            kind = storage_kind(exc)
+            if kind is not None:
+                self.storage_errors.labels(kind).inc()
 
     def on_step(self, step: str, outcome: str, seconds: float, exc: BaseException | None) -> None:
         self.step_duration.labels(step, outcome).observe(seconds)
 
     def record_reconcile(self, report: ReconcileReport) -> None:
         self.reconcile_seconds.set(report.seconds)
+        self.orphans.set(len(report.orphans))
         if report.leftovers_removed:
             self.leftovers.inc(len(report.leftovers_removed))
 

@@ -13,13 +13,15 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from metald.core.models import VmState
 from metald.core.records import DuplicateVm, Intent, VmRecord
+from metald.store import event_log
+from metald.store.event_log import EventRecord, Filter, Kind
 
 __all__ = ["AddressTaken", "DuplicateVm", "Intent", "Store", "VmRow"]
 
@@ -80,6 +82,34 @@ MIGRATIONS: list[str] = [
         vm_id TEXT NOT NULL UNIQUE
     );
     """,
+    # 3: events carry kind, customer, state and error code (the event stream; see event_log.py)
+    event_log.MIGRATION,
+    # 4: snapshots and the VMs restored from them (see metald.store.snapshots)
+    """
+    CREATE TABLE snapshots (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        snapshot_id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL DEFAULT '',
+        source_vm_id TEXT NOT NULL,
+        customer_id TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL CHECK (state IN ('pending', 'complete')),
+        purpose TEXT NOT NULL DEFAULT 'snapshot',
+        config BLOB NOT NULL,
+        spec TEXT NOT NULL DEFAULT '{}',
+        manifest TEXT NOT NULL DEFAULT '{}',
+        state_bytes INTEGER NOT NULL DEFAULT 0,
+        disk_bytes INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        completed_at INTEGER
+    );
+    CREATE INDEX snapshots_customer ON snapshots(customer_id, seq);
+    CREATE INDEX snapshots_source ON snapshots(source_vm_id);
+    CREATE TABLE snapshot_users (
+        vm_id TEXT PRIMARY KEY,
+        snapshot_id TEXT NOT NULL
+    );
+    CREATE INDEX snapshot_users_snapshot ON snapshot_users(snapshot_id);
+    """,
 ]
 
 
@@ -135,6 +165,9 @@ class Store:
             str(path), isolation_level=None, check_same_thread=False, timeout=30
         )
         self._lock = threading.RLock()
+        # Called (no arguments) after a commit that appended events: the event stream's wake-up.
+        self.event_hooks: list[Callable[[], None]] = []
+        self._appended = False
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -161,9 +194,20 @@ class Store:
             try:
                 yield self._db
             except BaseException:
+                self._appended = False
                 self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # e.g. disk full: end it, or every later write fails
+                    self._db.execute("ROLLBACK")
+                raise
+            finally:
+                appended, self._appended = self._appended, False
+            if appended:
+                for hook in self.event_hooks:
+                    hook()
 
     def close(self) -> None:
         with self._lock:
@@ -209,6 +253,7 @@ class Store:
                         now,
                     ),
                 )
+                self._append(db, vm_id, Kind.STATE_CHANGED, "create", "ok", customer_id=customer_id, state=state)
         except sqlite3.IntegrityError as exc:
             raise DuplicateVm(vm_id) from exc
         vm = self.get_vm(vm_id)
@@ -234,11 +279,19 @@ class Store:
         values.append(int(time.time()))
         values.append(vm_id)
         with self._tx() as db:
+            old = None
+            if "state" in fields:
+                old = db.execute("SELECT state FROM vms WHERE vm_id = ?", (vm_id,)).fetchone()
             db.execute(f"UPDATE vms SET {', '.join(sets)} WHERE vm_id = ?", values)
+            if old is not None and old[0] != fields["state"]:
+                self._append(db, vm_id, Kind.STATE_CHANGED, "state", "ok", previous_state=old[0])
 
     def delete_vm(self, vm_id: str) -> None:
         with self._tx() as db:
+            found = db.execute("SELECT state FROM vms WHERE vm_id = ?", (vm_id,)).fetchone()
             db.execute("DELETE FROM vms WHERE vm_id = ?", (vm_id,))
+            if found is not None:
+                self._append(db, vm_id, Kind.VM_REMOVED, "remove", "ok", previous_state=found[0])
             db.execute("DELETE FROM ip_allocations WHERE vm_id = ?", (vm_id,))
             db.execute("DELETE FROM port_allocations WHERE vm_id = ?", (vm_id,))
             db.execute("DELETE FROM net_short_ids WHERE vm_id = ?", (vm_id,))
@@ -287,12 +340,42 @@ class Store:
             ).fetchone()[0]
 
     # --- events --------------------------------------------------------------
-    def add_event(self, vm_id: str, operation: str, outcome: str, detail: str = "") -> None:
+    def add_event(
+        self,
+        vm_id: str,
+        operation: str,
+        outcome: str,
+        detail: str = "",
+        *,
+        code: str = "",
+        customer_id: str | None = None,
+    ) -> None:
+        """Record an operation's start ("started"), outcome ("ok", "failed" with the
+        error ``code``) or another happening; its kind follows event_log.classify."""
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO events (ts, vm_id, operation, outcome, detail) VALUES (?,?,?,?,?)",
-                (time.time(), vm_id, operation, outcome, detail),
-            )
+            kind = event_log.classify(operation, outcome)
+            self._append(db, vm_id, kind, operation, outcome, detail, code=code, customer_id=customer_id)
+
+    def _append(self, db: sqlite3.Connection, vm_id: str, kind: Kind, *args: Any, **kwargs: Any) -> None:
+        event_log.append(db, vm_id, kind, *args, **kwargs)
+        self._appended = True
+
+    def event_bounds(self) -> tuple[int, int]:
+        """(floor, head): the log holds exactly the events after floor up to head."""
+        with self._lock:
+            return event_log.floor(self._db), event_log.head(self._db)
+
+    def events_after(self, sequence: int, until: int, flt: Filter, limit: int = 500) -> list[EventRecord]:
+        with self._lock:
+            return event_log.after(self._db, sequence, until, flt, limit)
+
+    def events_tail_start(self, until: int, flt: Filter, count: int) -> int:
+        with self._lock:
+            return event_log.tail_start(self._db, until, flt, count)
+
+    def prune_events(self, keep_count: int, older_than: float, batch: int = 5000) -> int:
+        with self._tx() as db:
+            return event_log.prune(db, keep_count, older_than, batch)
 
     def events(self, vm_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         with self._lock:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from metald.backends import procfs
 from metald.backends.firecracker.client import FirecrackerClient
+from metald.backends.firecracker.exits import describe_exit
 from metald.backends.firecracker.handle import FcHandle, is_vmm_of, mismatch
 from metald.backends.firecracker.hostcheck import binary_version, executable, kvm_unusable, not_static
 from metald.backends.firecracker.launch import (
@@ -35,11 +36,12 @@ from metald.backends.firecracker.launch import (
     JailerLauncher,
     Launch,
     Launcher,
-    OwnJailerLauncher,
 )
+from metald.backends.firecracker.logcap import LogCapper, VmFiles
 from metald.backends.firecracker.metrics import CpuSampler, MetricsFile
+from metald.backends.firecracker.own_jailer import OwnJailerLauncher
 from metald.backends.firecracker.validation import MAX_VCPUS, MIB, boot_args, check_spec
-from metald.backends.process import ProcessWatch, describe_status, spawn
+from metald.backends.process import ProcessWatch, spawn
 from metald.config import Settings
 from metald.core.errors import BackendError, FailedPrecondition
 from metald.core.layout import VmLayout
@@ -77,6 +79,7 @@ class _Vm:
     version: str | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     vmm_fd: int | None = None  # pidfd of the VMM when ``watch`` follows the jailer's launcher
+    console_path: Path | None = None  # the guest's serial output (capped by logcap)
 
     def watch_vmm(self, vmm_pid: int) -> None:
         """Keep a pidfd of the VMM inside the launcher's PID namespace (checked to be its child)."""
@@ -102,13 +105,10 @@ class _Vm:
 def default_launcher(settings: Settings, jailer: Jailer | None) -> Launcher:
     """Firecracker's own jailer if asked for, else metald's jailer, else none (development)."""
     if settings.firecracker_use_own_jailer:
-        return OwnJailerLauncher(
-            settings.firecracker_jailer_binary,
-            settings.firecracker_binary,
-            settings.jailer_uid,
-            settings.jailer_gid,
-            settings.jailer_chroot_dir,
-        )
+        from metald.jailer.jailer import Jailer
+
+        own = jailer or Jailer(settings)  # its cgroup layout and limits
+        return OwnJailerLauncher(settings.firecracker_jailer_binary, settings.firecracker_binary, own)
     if jailer is not None:
         return JailerLauncher(jailer, settings.firecracker_binary)
     log.warning(
@@ -139,6 +139,14 @@ class FirecrackerBackend:
         self._vms: dict[str, _Vm] = {}
         self._on_exit_cb: ExitCallback | None = None
         self._adopt_errors: dict[str, str] = {}  # vm_id -> why the last adopt() said no
+        self.log_capper = LogCapper(settings.console_log_max_bytes, self._capped_files)
+
+    def _capped_files(self) -> list[VmFiles]:
+        return [
+            VmFiles(vm_id, [p for p in (vm.console_path, vm.stderr_path) if p is not None], vm.metrics)
+            for vm_id, vm in self._vms.items()
+            if vm.watch.alive
+        ]
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self._on_exit_cb = callback
@@ -174,6 +182,10 @@ class FirecrackerBackend:
 
     def identity_adopter(self) -> None:
         """None: each Firecracker is adopted on its own (``adopt`` asks its API)."""
+        return None
+
+    def warmer(self) -> None:
+        """None: Firecracker needs KVM from the start, nothing to probe in the background."""
         return None
 
     def adopt_error(self, vm_id: str) -> str | None:
@@ -238,7 +250,7 @@ class FirecrackerBackend:
 
     async def validate(self, spec: BootSpec) -> None:
         check_spec(spec)
-        if isinstance(self.launcher, JailerLauncher):
+        if isinstance(self.launcher, JailerLauncher | OwnJailerLauncher):
             self.launcher.validate(spec)
 
     # --- start ------------------------------------------------------------------------
@@ -291,6 +303,7 @@ class FirecrackerBackend:
             chroot=str(launch.chroot) if launch.chroot else None,
         )
         vm = self._track(handle, popen, stderr_path)
+        vm.console_path = spec.console_log if spec.console_enabled else None
         try:
             await self._wait_for_api(vm)
             if launch.pid_file is not None:
@@ -320,6 +333,7 @@ class FirecrackerBackend:
         )
         self._vms[vm_id] = vm
         watch.start()
+        self.log_capper.ensure_running()
         return vm
 
     async def _wait_for_api(self, vm: _Vm) -> None:
@@ -378,9 +392,7 @@ class FirecrackerBackend:
         vm = self._vms.get(vm_id)
         if vm is None:
             return
-        if vm.handle.vmm_pid and returncode is not None and 128 < returncode < 192:
-            returncode = 128 - returncode  # the launcher exits 128+N for a VMM killed by signal N
-        vm.exit_reason = describe_status(returncode)
+        vm.exit_reason = describe_exit(returncode)  # the launcher passes the VMM's status on unchanged
         task = asyncio.get_running_loop().create_task(vm.client.close())
         vm.tasks.add(task)
         task.add_done_callback(vm.tasks.discard)
@@ -405,7 +417,8 @@ class FirecrackerBackend:
             self._adopt_errors[spec.vm_id] = why
             log.info("not adopting firecracker for %s: %s", spec.vm_id, why)
             return False
-        vm = self._track(parsed, None, None)
+        vm = self._track(parsed, None, spec.run_dir / STDERR_NAME)
+        vm.console_path = spec.console_log if spec.console_enabled else None
         if parsed.vmm_pid:
             vm.watch_vmm(parsed.vmm_pid)
         try:
@@ -575,6 +588,7 @@ class FirecrackerBackend:
         return result
 
     async def close(self) -> None:
+        await self.log_capper.close()
         for vm_id in list(self._vms):
             await self._forget(vm_id)
 

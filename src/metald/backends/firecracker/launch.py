@@ -21,12 +21,13 @@ Three launchers:
   death kills the VMM), and the VMM's host pid is read from the jail's
   ``vmm.pid`` for CPU and memory figures. Firecracker handles being pid 1
   (metald stops it with SendCtrlAltDel or SIGKILL, never SIGTERM).
-* :class:`OwnJailerLauncher` (``UNKEY_METALD_FIRECRACKER_USE_OWN_JAILER``):
+* ``OwnJailerLauncher`` (``own_jailer.py``, ``UNKEY_METALD_FIRECRACKER_USE_OWN_JAILER``):
   Firecracker's own jailer binary (``--id --exec-file --uid --gid
-  --chroot-base-dir [--netns] -- <firecracker args>``); assets are
-  linked into its chroot when the API names them. No ``--daemonize``: metald
-  already starts it in a new session (the jailer's own setsid() would fail),
-  and its stdio must stay on the per-VM logs.
+  --chroot-base-dir [--netns] --cgroup-version --parent-cgroup --cgroup ...
+  --resource-limit no-file=N -- <firecracker args>``); a fresh jail per start
+  with the assets placed before it runs. No ``--daemonize``: metald already
+  starts it in a new session (the jailer's own setsid() would fail), and its
+  stdio must stay on the per-VM logs.
 * :class:`DirectLauncher` (jailer off; development only): ``firecracker
   --api-sock <run_dir>/firecracker.sock --id <vm_id>`` as root, inside the VM's
   network namespace through ``nsenter --net=/run/netns/<ns> --``.
@@ -34,12 +35,9 @@ Three launchers:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,15 +98,7 @@ class Launch:
             return str(source)
         if self.placed is not None:
             return self.placed(source)
-        target = self.chroot / name
-        with contextlib.suppress(FileNotFoundError):
-            target.unlink()
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copy2(source, target)  # another filesystem: copy
-        self.own(target)
-        return "/" + name
+        raise BackendError(f"{source}: the jail has no place for {name} (jailed launches place assets in setup)")
 
     def own(self, path: Path) -> None:
         """Give a file to the jailed VMM's uid/gid (no-op when not jailed)."""
@@ -239,69 +229,3 @@ class JailerLauncher:
 
     async def sweep_leftovers(self, known_vm_ids: set[str]) -> list[str]:
         return await self.jailer.sweep_leftovers(known_vm_ids)
-
-
-class OwnJailerLauncher:
-    """Firecracker's jailer: chroot <base>/<exec-name>/<vm_id>/root, uid/gid drop, netns."""
-
-    name = "firecracker-jailer"
-
-    def __init__(self, jailer: str, firecracker: str, uid: int, gid: int, chroot_base: Path) -> None:
-        self.jailer = jailer
-        self.firecracker = firecracker
-        self.uid = uid
-        self.gid = gid
-        self.chroot_base = chroot_base
-
-    def chroot_of(self, vm_id: str) -> Path:
-        return self.chroot_base / Path(self.firecracker).name / vm_id / "root"
-
-    def api_sock_arg(self, vm_id: str, run_dir: Path) -> str:
-        return JAILED_API_SOCK
-
-    def discard(self, vm_id: str) -> None:
-        shutil.rmtree(self.chroot_of(vm_id).parent, ignore_errors=True)
-
-    async def setup(self, spec: BootSpec) -> None:
-        pass  # prepare made the chroot's run dir; Firecracker's jailer does the rest
-
-    async def teardown(self, vm_id: str) -> None:
-        await asyncio.to_thread(self.discard, vm_id)
-
-    def has_jail(self, vm_id: str) -> bool:
-        return self.chroot_of(vm_id).parent.exists()
-
-    async def sweep_leftovers(self, known_vm_ids: set[str]) -> list[str]:
-        base = self.chroot_base / Path(self.firecracker).name
-        try:
-            names = [e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False)]
-        except FileNotFoundError:
-            return []
-        removed = sorted(n for n in names if n not in known_vm_ids and VM_ID_RE.match(n))
-        for name in removed:
-            await asyncio.to_thread(shutil.rmtree, base / name, True)
-        return removed
-
-    def prepare(self, spec: BootSpec) -> Launch:
-        root = self.chroot_of(spec.vm_id)
-        (root / "run").mkdir(parents=True, exist_ok=True)
-        argv = [
-            self.jailer,
-            "--id", spec.vm_id,
-            "--exec-file", self.firecracker,
-            "--uid", str(self.uid),
-            "--gid", str(self.gid),
-            "--chroot-base-dir", str(self.chroot_base),
-        ]  # fmt: skip
-        if spec.network is not None:
-            argv += ["--netns", f"/run/netns/{spec.network.namespace}"]
-        # The jailer adds --id itself; no --new-pid-ns, so the pid we start is the VMM's.
-        argv += ["--", "--api-sock", JAILED_API_SOCK]
-        return Launch(
-            argv=argv,
-            api_sock_arg=JAILED_API_SOCK,
-            socket_path=root / JAILED_API_SOCK.lstrip("/"),
-            files_dir=root,
-            chroot=root,
-            owner=(self.uid, self.gid),
-        )

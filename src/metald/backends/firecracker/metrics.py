@@ -11,6 +11,7 @@ per-device ones).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,18 +66,36 @@ class MetricsFile:
     _offset: int = 0
     _partial: bytes = b""
 
+    @property
+    def consumed(self) -> int:
+        """Bytes of the file read as complete lines (what may be freed; see logcap)."""
+        return self._offset - len(self._partial)
+
     def read_new(self) -> int:
         """Number of complete lines read now (0 if the file is missing)."""
+        fragment = False
         try:
             with open(self.path, "rb") as fh:
                 size = fh.seek(0, 2)
                 if size < self._offset:  # recreated by a new VMM
                     self.totals, self._offset, self._partial = Totals(), 0, b""
+                if self._offset == 0:  # skip a hole an earlier metald punched (logcap)
+                    try:
+                        self._offset = fh.seek(0, os.SEEK_DATA)
+                    except OSError:  # ENXIO: nothing but a hole (or an empty file)
+                        self._offset = size
+                    fragment = self._offset > 0  # the first block may start mid-line
                 fh.seek(self._offset)
                 data = fh.read()
         except OSError:
             return 0
         self._offset += len(data)
+        if fragment:
+            newline = data.find(b"\n")
+            if newline < 0:
+                self._partial = b""
+                return 0
+            data = data[newline + 1 :]
         *complete, self._partial = (self._partial + data).split(b"\n")
         count = 0
         for raw in complete:

@@ -12,6 +12,9 @@ MIB = 1 << 20
 MAX_VCPUS = 32
 CMDLINE_MAX = 2048  # bytes, including the terminating NUL, on x86_64
 IFNAMSIZ = 16
+MMIO_DEVICES_START = 0xC000_1000  # MEM_32BIT_DEVICES_START on x86_64
+MMIO_LEN = 0x1000
+GSI_START = 5  # GSI_LEGACY_START
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")  # Firecracker's --id rule
 MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 
@@ -48,8 +51,15 @@ def check_spec(spec: BootSpec) -> None:
     check_regular_file("config.boot.kernel_path", spec.kernel_path)
     if spec.initrd_path is not None:
         check_regular_file("config.boot.initrd_path", spec.initrd_path)
-    if len(boot_args(spec).encode()) >= CMDLINE_MAX:
-        raise InvalidArgument("config.boot.kernel_args", f"longer than {CMDLINE_MAX - 1} bytes")
+    final = kernel_cmdline(spec)
+    if len(final.encode()) >= CMDLINE_MAX:
+        extra = len(final.encode()) - len(spec.kernel_args.encode())
+        raise InvalidArgument(
+            "config.boot.kernel_args",
+            f"too long: with the {extra} bytes metald and Firecracker add (console, reboot, root device, "
+            f"one virtio_mmio.device= per drive and interface, pci=off) the command line would be "
+            f"{len(final.encode())} bytes; Firecracker's limit is {CMDLINE_MAX - 1}",
+        )
     roots = 0
     for i, drive in enumerate(spec.drives):
         if not resource_id_ok(drive.drive_id):
@@ -65,6 +75,32 @@ def check_spec(spec: BootSpec) -> None:
             raise InvalidArgument("config.network[0].mac_address", "must be XX:XX:XX:XX:XX:XX")
         _check_rate(net.rx_rate_limit, "config.network[0].rx_rate_limit")
         _check_rate(net.tx_rate_limit, "config.network[0].tx_rate_limit")
+
+
+def kernel_cmdline(spec: BootSpec) -> str:
+    """The command line Firecracker hands the guest: ``boot_args(spec)`` plus what it appends.
+
+    Firecracker v1.16.1 (``vmm/src/builder.rs``) inserts ``pci=off`` (PCI is
+    off), then per block device in order ``root=/dev/vda`` and ``rw``/``ro``
+    for the root device and ``virtio_mmio.device=4K@0x<addr>:<gsi>``, then the
+    same for each network device, each after a space, and refuses the boot
+    (at InstanceStart) when the result does not fit CMDLINE_MAX with its NUL.
+    MMIO slots start at 0xc0001000, 4 KiB apart; GSIs start at 5.
+    """
+    words = [boot_args(spec), "pci=off"]
+    slot = 0
+    for drive in spec.drives:
+        if drive.is_root:
+            words += ["root=/dev/vda", "ro" if drive.read_only else "rw"]
+        words.append(_mmio_device(slot))
+        slot += 1
+    if spec.network is not None:
+        words.append(_mmio_device(slot))
+    return " ".join(w for w in words if w)
+
+
+def _mmio_device(slot: int) -> str:
+    return f"virtio_mmio.device=4K@0x{MMIO_DEVICES_START + slot * MMIO_LEN:x}:{GSI_START + slot}"
 
 
 def boot_args(spec: BootSpec) -> str:

@@ -5,6 +5,13 @@ guest reached its READY marker. On hosts whose KVM is a nested hypervisor
 that cannot run stock guest kernels ("KVM internal error ... emulation
 failure"), the probe fails fast and every VM uses TCG. Verdicts are cached
 in a JSON file, keyed by host kernel, QEMU version, guest kernel and initrd.
+
+The probe never holds up a boot: metald starts it in the background at start
+(for the bundled image) and for the first boot of any other guest kernel;
+until its verdict is in, VMs use TCG. A KVM that hangs instead of failing is
+recognised early: the probe boots without ``quiet``, so a working guest prints
+on its console at once (TCG within about a second), and silence for
+:data:`CONSOLE_SILENCE_S` means KVM hangs.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ log = logging.getLogger(__name__)
 READY_MARKER = b"METALD_GUEST_READY"
 KVM_FAILURE = re.compile(rb"KVM internal error|emulation failure|Could not access KVM")
 PROBE_TIMEOUT_S = 20.0
+CONSOLE_SILENCE_S = 5.0
 PROBE_VM_ID = "accel-probe"
 CACHE_FILE = "qemu-accel.json"
 
@@ -49,11 +57,13 @@ def file_sha256(path: Path) -> str:
 
 def probe_kernel_args(args: str) -> str:
     """The guest's own args, with the probe's VM id and without an IP config."""
-    words = [w for w in args.split() if not w.startswith(("metald.vm_id=", "ip="))]
+    words = [w for w in args.split() if not w.startswith(("metald.vm_id=", "ip=")) and w != "quiet"]
     return " ".join([*words, f"metald.vm_id={PROBE_VM_ID}"])
 
 
-async def probe_kvm(spec: BootSpec, binary: str, work_parent: Path, timeout: float) -> tuple[bool, str]:
+async def probe_kvm(
+    spec: BootSpec, binary: str, work_parent: Path, timeout: float, silence_s: float = CONSOLE_SILENCE_S
+) -> tuple[bool, str]:
     """Boot ``spec``'s kernel and initrd under KVM until READY, a KVM error or timeout.
 
     Drives are attached with snapshot=on so the probe never writes to them.
@@ -89,6 +99,11 @@ async def probe_kvm(spec: BootSpec, binary: str, work_parent: Path, timeout: flo
                 if not watch.alive:
                     lines = console.tail_text(vmm_log_path(work), 600).strip().splitlines()
                     return False, f"KVM probe exited early: {'; '.join(lines[-2:])[:240]}"
+                if elapsed >= silence_s and not _has_output(probe.console_log):
+                    return False, (
+                        f"KVM guest printed nothing on its console in {silence_s:g}s "
+                        "(a TCG boot prints within about a second): KVM hangs"
+                    )
                 if elapsed >= timeout:
                     return False, f"KVM boot did not reach READY in {timeout:g}s"
                 await asyncio.sleep(0.1)
@@ -98,6 +113,32 @@ async def probe_kvm(spec: BootSpec, binary: str, work_parent: Path, timeout: flo
             watch.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def probe_spec(image: Path, vm_id: str, run_dir: Path) -> BootSpec | None:
+    """The probe's VM: the bundled image's kernel (None when there is no image)."""
+    kernel, initrd, cmdline = image / "vmlinuz", image / "initramfs.cpio.gz", image / "cmdline"
+    if not kernel.is_file():
+        return None
+    return BootSpec(
+        vm_id=vm_id,
+        vcpu_count=1,
+        memory_bytes=128 << 20,
+        kernel_path=kernel,
+        initrd_path=initrd if initrd.is_file() else None,
+        kernel_args=cmdline.read_text().strip() if cmdline.is_file() else "console=ttyS0",
+        drives=(),
+        network=None,
+        run_dir=run_dir,
+        console_log=run_dir / "console.log",
+    )
+
+
+def _has_output(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 class AccelChooser:
@@ -116,6 +157,7 @@ class AccelChooser:
         self._prober = prober
         self._lock = asyncio.Lock()
         self._hashes: dict[tuple[str, int, int], str] = {}
+        self._probes: dict[str, asyncio.Task[None]] = {}  # cache key -> probe under way
         self.last_detail = ""
 
     async def choose(self, spec: BootSpec) -> Accel:
@@ -126,17 +168,45 @@ class AccelChooser:
         except OSError as exc:  # the boot itself will report the missing file
             self.last_detail = f"cannot fingerprint the guest ({exc}); using TCG"
             return "tcg"
-        async with self._lock:
-            cached = self._load().get(key)
-            if cached is not None:
-                self.last_detail = str(cached.get("detail", ""))
-                return "kvm" if cached.get("accel") == "kvm" else "tcg"
-            ok, detail = await self._prober(spec)
+        cached = self._load().get(key)
+        if cached is not None:
+            self.last_detail = str(cached.get("detail", ""))
+            return "kvm" if cached.get("accel") == "kvm" else "tcg"
+        self._start(key, spec)
+        self.last_detail = "KVM probe under way: TCG until it answers"
+        return "tcg"
+
+    async def warm_up(self, spec: BootSpec) -> None:
+        """Start the probe for ``spec``'s kernel in the background unless a verdict is cached."""
+        if self.mode != "auto":
+            return
+        try:
+            key = await self._key(spec)
+        except OSError as exc:
+            log.info("qemu accelerator probe not started: %s", exc)
+            return
+        if self._load().get(key) is None:
+            self._start(key, spec)
+
+    async def wait_probes(self) -> None:
+        """Wait for the probes under way (tests, shutdown)."""
+        if self._probes:
+            await asyncio.gather(*self._probes.values(), return_exceptions=True)
+
+    def _start(self, key: str, spec: BootSpec) -> None:
+        if key not in self._probes:
+            self._probes[key] = asyncio.get_running_loop().create_task(self._probe(key, spec))
+
+    async def _probe(self, key: str, spec: BootSpec) -> None:
+        async with self._lock:  # one probe boot at a time
+            try:
+                ok, detail = await self._prober(spec)
+            except Exception as exc:  # noqa: BLE001 - a broken probe means TCG, said once
+                ok, detail = False, f"KVM probe failed: {str(exc).strip() or type(exc).__name__}"
             verdict: Accel = "kvm" if ok else "tcg"
             self.last_detail = detail
             log.info("qemu accelerator probe: %s -> %s", detail, verdict)
             self._store(key, {"accel": verdict, "detail": detail, "at": int(time.time())})
-            return verdict
 
     async def _key(self, spec: BootSpec) -> str:
         parts = [os.uname().release, await self._qemu_version()]

@@ -8,6 +8,7 @@ import logging
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from metald.backends import procfs
 from metald.backends.process import ProcessWatch, spawn
 from metald.backends.qemu import console, handle, strays
-from metald.backends.qemu.accel import PROBE_TIMEOUT_S, AccelChooser, probe_kvm
+from metald.backends.qemu.accel import PROBE_TIMEOUT_S, AccelChooser, probe_kvm, probe_spec
 from metald.backends.qemu.clock import cached_host_tsc_khz, tcg_extra_args
 from metald.backends.qemu.command import (
     CommandOptions,
@@ -30,10 +31,11 @@ from metald.backends.qemu.metrics import CpuSample, apply_blockstats, read_netwo
 from metald.backends.qemu.qmp import QmpSession, exit_reason
 from metald.backends.qemu.validate import max_vcpus, validate_spec
 from metald.config import Settings
+from metald.core.bounds import UNRESPONSIVE, VMM_READ_BOUND_S, describe
 from metald.core.errors import BackendError
 from metald.core.layout import VmLayout
 from metald.core.models import BootSpec, VmMetrics
-from metald.core.ports import BackendLimits, ExitCallback, IdentityAdopter, RunState
+from metald.core.ports import BackendLimits, ExitCallback, IdentityAdopter, RunState, WarmUp
 from metald.jailer.jailer import Jailer
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ REBOOT_GRACE_S = 30.0
 POWER_BUTTON_REPEAT_S = 2.0
 EXIT_DRAIN_S = 1.0
 ACCEL_PROBE_DIR = "accel-probe"  # in the run directory: the KVM probe's files
+# Edits QEMU's argv before the launcher wraps it (restores, see snapshot.py).
+ArgvHook = Callable[[list[str]], list[str]]
 VERSION_RE = re.compile(r"version (\S+)")
 
 
@@ -128,6 +132,14 @@ class QemuBackend:
             self._version = match.group(1)
         return self._version
 
+    async def warm_up(self) -> None:
+        """Start the KVM probe for the bundled image in the background (``qemu_accel=auto``)."""
+        if self.settings.qemu_accel != "auto":
+            return
+        spec = probe_spec(self.settings.image_dir, ACCEL_PROBE_DIR, self.layout.run_dir(ACCEL_PROBE_DIR))
+        if spec is not None:
+            await self.accel.warm_up(spec)
+
     async def ping(self) -> tuple[bool, str]:
         try:
             version = await self.qemu_version()
@@ -143,7 +155,8 @@ class QemuBackend:
 
     # --- lifecycle -----------------------------------------------------------
 
-    async def boot(self, spec: BootSpec) -> dict[str, Any]:
+    async def boot(self, spec: BootSpec, argv_hook: ArgvHook | None = None) -> dict[str, Any]:
+        """Start the VM's QEMU; ``argv_hook`` edits its argv first (restores, see snapshot.py)."""
         old = self._vms.get(spec.vm_id)
         if old is not None and old.alive:
             raise BackendError(f"VM {spec.vm_id} already has a running QEMU (pid {old.handle.pid})")
@@ -156,9 +169,13 @@ class QemuBackend:
             binary=self.settings.qemu_binary,
             accel=accel,
             extra_kernel_args=tuple(extra),
+            tcg_tb_size_mib=self.settings.qemu_tcg_tb_size_mib,
             sandbox=self.launcher.sandbox,  # a jail adds its own -sandbox (see jailer/qemu.py)
         )
-        argv, command = await self.launcher.command(spec, build_argv(spec, options), accel)
+        argv = build_argv(spec, options)
+        if argv_hook is not None:
+            argv = argv_hook(argv)
+        argv, command = await self.launcher.command(spec, argv, accel)
         popen = spawn(command, vmm_log_path(spec.run_dir))
         stat = procfs.read_stat(popen.pid)
         vmm = handle.VmmHandle(
@@ -237,6 +254,10 @@ class QemuBackend:
 
     def identity_adopter(self) -> IdentityAdopter:
         """QEMU adopts on identity in one batch and attaches QMP later (adopt_many, attach)."""
+        return self
+
+    def warmer(self) -> WarmUp:
+        """QEMU probes KVM in the background from start (:meth:`warm_up`)."""
         return self
 
     @property
@@ -342,7 +363,8 @@ class QemuBackend:
         if not vm.unattached:
             return vm.qmp
         task = vm.attaching
-        if task is None:
+        if task is None or (task.done() and not task.cancelled() and task.exception() is not None and vm.alive):
+            # first use, or the last attempt failed while the VMM lives on (e.g. it was stopped): try again
             task = vm.attaching = asyncio.get_running_loop().create_task(self._attach(vm))
         try:
             await asyncio.shield(task)
@@ -356,7 +378,7 @@ class QemuBackend:
         try:
             await vm.qmp.connect(QMP_CONNECT_TIMEOUT_S, lambda: vm.alive)
         except Exception as exc:
-            why = f"QMP of pid {vm.handle.pid} did not answer: {exc}"
+            why = f"QMP of pid {vm.handle.pid} did not answer: {describe(exc)}"
             self._adopt_errors[vm.vm_id] = why
             log.warning("qemu %s: adopted pid %d but QMP failed: %s", vm.vm_id, vm.handle.pid, exc)
             raise BackendError(why) from None
@@ -423,7 +445,7 @@ class QemuBackend:
             await self._wait_finished(vm)
             return vm.exit_reason or "killed"
         if not force and not await self._power_button(vm, timeout_s):
-            vm.failure = f"guest ignored the power button for {timeout_s:g}s; stopped by QEMU"
+            vm.failure = f"guest did not power off within {timeout_s:g}s (or its VMM did not answer); stopped"
             force = True
         if force:
             await self._force_stop(vm)
@@ -440,9 +462,14 @@ class QemuBackend:
         deadline = loop.time() + max(0.0, timeout_s)
         while True:
             try:
-                if await vm.qmp.status() == "paused":
-                    await vm.qmp.execute("cont")  # a paused guest cannot see the button
-                await vm.qmp.execute("system_powerdown")
+                status = await vm.qmp.status(timeout=VMM_READ_BOUND_S)
+            except BackendError as exc:  # a stopped or wedged VMM cannot hear the button either
+                log.warning("qemu %s: %s; not waiting for the guest: %s", vm.vm_id, UNRESPONSIVE, exc)
+                return False
+            try:
+                if status == "paused":
+                    await vm.qmp.execute("cont", timeout=VMM_READ_BOUND_S)  # a paused guest cannot see the button
+                await vm.qmp.execute("system_powerdown", timeout=VMM_READ_BOUND_S)
             except BackendError as exc:
                 log.warning("qemu %s: power button press failed: %s", vm.vm_id, exc)
             remaining = deadline - loop.time()
@@ -562,10 +589,12 @@ class QemuBackend:
         with contextlib.suppress(BackendError):
             out["qemu_version"] = await self.qemu_version()
         if vm.alive:
-            try:
-                out["status"] = await (await self._ready(vm)).status()
-            except BackendError as exc:
-                out["status"] = f"unknown ({exc})"
+            try:  # a read never waits on the VMM longer than VMM_READ_BOUND_S
+                out["status"] = await asyncio.wait_for(self._status(vm), VMM_READ_BOUND_S)
+            except (TimeoutError, BackendError) as exc:
+                out["status"] = UNRESPONSIVE
+                silent = f"no answer over QMP within {VMM_READ_BOUND_S:g}s"
+                out["status_detail"] = silent if isinstance(exc, TimeoutError) else describe(exc)
         else:
             out["status"] = "exited"
         if vm.exit_reason:
@@ -573,6 +602,12 @@ class QemuBackend:
         if self.accel.last_detail:
             out["accel_probe"] = self.accel.last_detail
         return out
+
+    async def _status(self, vm: _Vm) -> str:
+        return await (await self._ready(vm)).status(timeout=VMM_READ_BOUND_S)
+
+    async def _blockstats(self, vm: _Vm) -> Any:
+        return await (await self._ready(vm)).execute("query-blockstats", timeout=VMM_READ_BOUND_S)
 
     async def metrics(self, vm_id: str) -> VmMetrics:
         vm = self._vms.get(vm_id)
@@ -588,9 +623,12 @@ class QemuBackend:
             return metrics
         read_network(metrics, vm.handle.pid, vm.tap)
         try:
-            apply_blockstats(metrics, await (await self._ready(vm)).execute("query-blockstats"))
+            stats = await asyncio.wait_for(self._blockstats(vm), VMM_READ_BOUND_S)
+            apply_blockstats(metrics, stats)
+        except TimeoutError:
+            metrics.notes["storage"] = f"VMM {UNRESPONSIVE}: no answer over QMP within {VMM_READ_BOUND_S:g}s"
         except BackendError as exc:
-            metrics.notes["storage"] = str(exc)
+            metrics.notes["storage"] = describe(exc)
         metrics.measured = True
         return metrics
 

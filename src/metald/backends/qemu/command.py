@@ -45,6 +45,9 @@ class CommandOptions:
     sandbox: bool = True
     # Appended after the spec's kernel args (accelerator-specific fixes only).
     extra_kernel_args: tuple[str, ...] = ()
+    # TCG's translation buffer in MiB (0: QEMU's default, 1 GiB, of which a booted guest
+    # touches ~50 MiB); the buffer is flushed and refilled when full.
+    tcg_tb_size_mib: int = 0
 
 
 def qmp_socket_path(run_dir: Path) -> Path:
@@ -79,7 +82,7 @@ def _drive_args(index: int, drive: Drive, snapshot: bool) -> list[str]:
     opts = [
         f"id={node}",
         f"file={opt_escape(drive.path)}",
-        "format=raw",
+        "format=qcow2" if drive.path.suffix == ".qcow2" else "format=raw",
         "if=none",
     ]
     if drive.read_only:
@@ -89,6 +92,12 @@ def _drive_args(index: int, drive: Drive, snapshot: bool) -> list[str]:
     # virtio-blk serial is at most 20 bytes; the guest sees it in /sys/block/vdX/serial.
     serial = opt_escape(drive.drive_id[:20])
     return ["-drive", ",".join(opts), "-device", f"virtio-blk-device,drive={node},serial={serial}"]
+
+
+def _accel_arg(options: CommandOptions) -> str:
+    if options.accel == "tcg" and options.tcg_tb_size_mib:
+        return f"tcg,tb-size={options.tcg_tb_size_mib}"
+    return options.accel
 
 
 def build_argv(spec: BootSpec, options: CommandOptions) -> list[str]:
@@ -103,7 +112,7 @@ def build_argv(spec: BootSpec, options: CommandOptions) -> list[str]:
         "-name",
         f"guest={opt_escape(spec.vm_id)},debug-threads=on",
         "-accel",
-        options.accel,
+        _accel_arg(options),
         "-cpu",
         CPU_MODEL[options.accel],
         "-smp",

@@ -1,4 +1,4 @@
-"""Keeping a VM's console log under its size cap.
+"""Keeping a VM's console log under its size cap (the format: core/consolelog.py).
 
 QEMU writes the log through a file chardev opened with O_APPEND, so every
 write lands at the current end of file even after the file was shortened
@@ -14,33 +14,18 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from metald.core import consolelog
+
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 1.0
 
-TRUNCATED_MARK = b"[metald: older console output dropped]\n"
+TRUNCATED_MARK = consolelog.HEADER_PREFIX  # how a cut log starts (then " before offset N]")
 
 
 def cap_log(path: Path, max_bytes: int) -> bool:
     """If ``path`` is over ``max_bytes``, keep only its newest half. True if cut."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return False
-    if size <= max_bytes:
-        return False
-    keep = max(1, max_bytes // 2 - len(TRUNCATED_MARK))
-    with open(path, "r+b") as f:
-        f.seek(max(0, size - keep))
-        tail = f.read()
-        newline = tail.find(b"\n")
-        if 0 <= newline < len(tail) - 1:
-            tail = tail[newline + 1 :]  # start on a whole line
-        data = TRUNCATED_MARK + tail
-        f.seek(0)
-        f.write(data)
-        f.truncate(len(data))
-    return True
+    return consolelog.cap(path, max_bytes)
 
 
 def contains(path: Path, marker: bytes) -> bool:

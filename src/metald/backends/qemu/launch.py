@@ -48,6 +48,10 @@ class QemuLauncher(Protocol):
 
     def has_jail(self, vm_id: str) -> bool: ...
 
+    def runas(self) -> tuple[int, int] | None:
+        """uid/gid the jailed QEMU runs as (helpers it starts run so too); None: root."""
+        ...
+
     async def remove_jail(self, vm_id: str) -> None: ...
 
     async def restore_jail(self, spec: BootSpec, accel: str) -> None: ...
@@ -77,6 +81,9 @@ class PlainLauncher:
 
     def has_jail(self, vm_id: str) -> bool:
         return False
+
+    def runas(self) -> tuple[int, int] | None:
+        return None
 
     async def remove_jail(self, vm_id: str) -> None:
         return None
@@ -110,7 +117,10 @@ class JailedLauncher:
         # as it is, so a failed boot leaves it exactly as it was. Anything else
         # (half made, or with processes left in its cgroup) is made afresh.
         if not await asyncio.to_thread(_jail_ready, jail.root, jail.cgroup.dirs):
-            await self.jailer.cleanup(jail)
+            try:
+                await self.jailer.cleanup(jail)
+            except OSError as exc:  # e.g. a process that is not this VM's VMM in its cgroup
+                raise BackendError(f"cannot prepare the jail of {spec.vm_id}: {exc}") from exc
             await self._prepare(spec, accel)
         argv = [*argv, *qemu_confinement_args(jail)]
         netns = spec.network.namespace if spec.network is not None else None
@@ -124,6 +134,9 @@ class JailedLauncher:
             await Plan("jail", self.jailer.prepare_steps(jail, sized(spec, accel))).run()
         except Exception as exc:
             raise BackendError(f"cannot prepare the jail of {spec.vm_id}: {exc}") from exc
+
+    def runas(self) -> tuple[int, int] | None:
+        return self.jailer.settings.jailer_uid, self.jailer.settings.jailer_gid
 
     def has_jail(self, vm_id: str) -> bool:
         return self.jailer.jail_for(VMM_NAME, vm_id).dir.exists()
@@ -150,8 +163,8 @@ class JailedLauncher:
                 continue
             try:
                 await self.remove_jail(vm_id)
-            except OSError:
-                log.exception("could not remove leftover jail", extra={"vm_id": vm_id})
+            except OSError as exc:  # e.g. a process in its cgroup that is not its VMM: left alone
+                log.warning("could not remove leftover jail of %s: %s", vm_id, exc)
                 continue
             removed.append(f"jail {vm_id}")
         return removed

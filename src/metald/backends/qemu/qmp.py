@@ -13,6 +13,7 @@ from qemu.qmp import EventListener, QMPClient, QMPError
 from qemu.qmp.protocol import Runstate
 
 from metald.backends.process import describe_status
+from metald.core.bounds import describe
 from metald.core.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class QmpSession:
             else:
                 client = QMPClient(self.name)
                 try:
-                    await asyncio.wait_for(client.connect(str(self.socket_path)), timeout=5)
+                    await asyncio.wait_for(client.connect(str(self.socket_path)), timeout=min(5.0, timeout))
                 except (QMPError, OSError, TimeoutError) as exc:
                     last = exc
                     with contextlib.suppress(Exception):
@@ -65,9 +66,9 @@ class QmpSession:
                     self._attach(client)
                     return
             if not alive():
-                raise BackendError(f"QEMU exited before its QMP socket answered: {last}")
+                raise BackendError(f"QEMU exited before its QMP socket answered: {_why(last)}")
             if loop.time() >= deadline:
-                raise BackendError(f"QMP socket {self.socket_path} did not answer: {last}")
+                raise BackendError(f"QMP socket {self.socket_path} did not answer within {timeout:g}s: {_why(last)}")
             await asyncio.sleep(0.05)
 
     def _attach(self, client: QMPClient) -> None:
@@ -90,8 +91,8 @@ class QmpSession:
         except (QMPError, OSError, EOFError) as exc:
             raise BackendError(f"QMP {cmd} failed: {exc}") from exc
 
-    async def status(self) -> str:
-        result = await self.execute("query-status")
+    async def status(self, timeout: float = 10.0) -> str:
+        result = await self.execute("query-status", timeout=timeout)
         return str(result.get("status", "unknown"))
 
     async def drained(self, timeout: float) -> None:
@@ -125,6 +126,14 @@ class QmpSession:
             with contextlib.suppress(Exception):
                 await self.client.disconnect()
             self.client = None
+
+
+def _why(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no attempt"
+    if isinstance(exc, TimeoutError):
+        return "no QMP greeting (the VMM is alive but does not answer)"
+    return describe(exc)
 
 
 def describe_shutdown(reason: str | None) -> str | None:

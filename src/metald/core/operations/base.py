@@ -76,6 +76,10 @@ class Operation(Generic[Req, Res]):
         self.check(row, request)
         return row
 
+    def owner(self, request: Req) -> str | None:
+        """The VM's owner to record in events before its row exists (create)."""
+        return None
+
     async def plan(self, vm_id: str, request: Req) -> Planned[Res]:
         """Check the request against the VM and build the steps (under the VM's lock)."""
         raise NotImplementedError

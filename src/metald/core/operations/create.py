@@ -1,5 +1,6 @@
 """CreateVm: record the VM, claim its addresses, check it can run, make its
-run directory and network. Any failure undoes every step; an interrupted
+root disk from a container image (if it names one), its run directory and
+network. Any failure undoes every step; an interrupted
 create is rolled back (the VM never existed)."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 
-from metald.core.errors import AlreadyExists
+from metald.core.errors import AlreadyExists, FailedPrecondition
 from metald.core.models import NetworkAllocation, VmDraft, VmState
 from metald.core.operations.base import Operation, Planned, Recovery
 from metald.core.operations.delete import teardown
@@ -28,12 +29,30 @@ class Create(Operation[CreateRequest, VmRecord]):
     allowed = ()
     adopts_on_recovery = False
 
+    def owner(self, request: CreateRequest) -> str | None:
+        return request.customer_id
+
     async def plan(self, vm_id: str, request: CreateRequest) -> Planned[VmRecord]:
         ctx, draft = self.ctx, request.draft
         if ctx.store.get_vm(vm_id) is not None:
             raise AlreadyExists(f"vm {vm_id} already exists")
         held: dict[str, NetworkAllocation] = {}
         run_dir = ctx.layout.run_dir(vm_id)
+        image_steps: list[Step] = []
+        if draft.image:  # a root disk from a container image: one step, undone with the VM
+            if ctx.images is None:
+                raise FailedPrecondition("container images are not enabled on this host")
+            images = ctx.images
+            draft = await images.prepare(vm_id, draft, ctx.backend.name, run_dir)
+            made = draft
+
+            async def attach_image() -> None:
+                await images.attach(vm_id, made, run_dir)
+
+            async def detach_image() -> None:
+                await images.detach(vm_id, run_dir)
+
+            image_steps.append(FuncStep("image", attach_image, detach_image))
 
         async def record() -> None:
             try:
@@ -86,6 +105,7 @@ class Create(Operation[CreateRequest, VmRecord]):
         steps: list[Step] = [FuncStep("record", record, unrecord)]
         if ctx.network is not None:
             steps.append(FuncStep("allocate", allocate, release))
+        steps += image_steps
         steps.append(FuncStep("validate", validate))
         steps.append(FuncStep("rundir", make_run_dir, remove_run_dir))
         if ctx.network is not None:
