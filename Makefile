@@ -4,9 +4,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 GEN := src/metald/gen
-PROTO := proto/metal/vmprovisioner/v1/vm.proto
+PROTO := $(wildcard proto/metal/vmprovisioner/v1/*.proto)
 IMAGE_DIR ?= $(CURDIR)/build/image
-DEBIAN_PACKAGES := qemu-system-x86 busybox-static nftables iptables iproute2 kmod cpio e2fsprogs curl jq gcc libc6-dev
+DEBIAN_PACKAGES := qemu-system-x86 qemu-utils busybox-static nftables iptables iproute2 kmod cpio e2fsprogs curl jq gcc libc6-dev
 export UNKEY_METALD_IMAGE_DIR ?= $(IMAGE_DIR)
 
 .PHONY: help deps venv gen dev image run demo test test-unit lint bench clean install uninstall \
@@ -39,13 +39,13 @@ $(GEN)/.stamp: $(PROTO) $(BIN)/.installed
 	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
 	  --connectrpc_out=$(GEN) --connectrpc_opt=protobuf=google $(PROTO)
 	find $(GEN) -type d -exec touch {}/__init__.py \;
-	sed -i 's/^from metal\.vmprovisioner\.v1 import/from metald.gen.metal.vmprovisioner.v1 import/' $(GEN)/metal/vmprovisioner/v1/vm_pb2_grpc.py
+	sed -i 's/^from metal\.vmprovisioner\.v1 import/from metald.gen.metal.vmprovisioner.v1 import/' $(GEN)/metal/vmprovisioner/v1/*_pb2*.py
 	touch $@
 
 dev: deps venv gen ## Everything needed to run metald from this checkout
 
 image: $(IMAGE_DIR)/.stamp ## Build the bundled guest image (kernel, initramfs, rootfs)
-$(IMAGE_DIR)/.stamp: guest/build-image.sh guest/init
+$(IMAGE_DIR)/.stamp: guest/build-image.sh guest/init guest/agent.c
 	bash guest/build-image.sh $(IMAGE_DIR)
 	touch $@
 

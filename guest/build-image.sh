@@ -40,7 +40,7 @@ ROOTFS_UUID=6d657461-6c64-4000-8000-726f6f746673
 log() { echo "build-image: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-for tool in apt-get apt-cache dpkg-deb cpio gzip mkfs.ext4 python3 sha256sum; do
+for tool in apt-get apt-cache dpkg-deb cpio gzip mkfs.ext4 python3 sha256sum gcc; do
     command -v "$tool" >/dev/null || die "$tool not found (run: make deps)"
 done
 DEPMOD=$(command -v depmod || echo /sbin/depmod)
@@ -171,6 +171,9 @@ mkdir -p "$ROOT/lib/modules/$KVER"
 install -m 0755 "$BUSYBOX" "$ROOT/bin/busybox"
 ln -s busybox "$ROOT/bin/sh"
 install -m 0755 "$HERE/init" "$ROOT/init"
+# metald-agent: takes a new identity after a snapshot restore (see guest/agent.c)
+gcc -static -Os -s -Wall -Wextra -o "$ROOT/bin/metald-agent" "$HERE/agent.c" ||
+    die "cannot build metald-agent (static libc from libc6-dev needed)"
 : >"$ROOT/etc/modules.order"
 for rel in "${ORDER[@]}"; do
     mkdir -p "$ROOT/lib/modules/$KVER/$(dirname "$rel")"

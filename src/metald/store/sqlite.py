@@ -80,6 +80,32 @@ MIGRATIONS: list[str] = [
         vm_id TEXT NOT NULL UNIQUE
     );
     """,
+    # 3: snapshots and the VMs restored from them (see metald.store.snapshots)
+    """
+    CREATE TABLE snapshots (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        snapshot_id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL DEFAULT '',
+        source_vm_id TEXT NOT NULL,
+        customer_id TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL CHECK (state IN ('pending', 'complete')),
+        purpose TEXT NOT NULL DEFAULT 'snapshot',
+        config BLOB NOT NULL,
+        spec TEXT NOT NULL DEFAULT '{}',
+        manifest TEXT NOT NULL DEFAULT '{}',
+        state_bytes INTEGER NOT NULL DEFAULT 0,
+        disk_bytes INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        completed_at INTEGER
+    );
+    CREATE INDEX snapshots_customer ON snapshots(customer_id, seq);
+    CREATE INDEX snapshots_source ON snapshots(source_vm_id);
+    CREATE TABLE snapshot_users (
+        vm_id TEXT PRIMARY KEY,
+        snapshot_id TEXT NOT NULL
+    );
+    CREATE INDEX snapshot_users_snapshot ON snapshot_users(snapshot_id);
+    """,
 ]
 
 

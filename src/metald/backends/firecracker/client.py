@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from metald.backends.firecracker import bodies
+from metald.backends.firecracker import bodies, snapshot_bodies
 from metald.core.errors import BackendError
 from metald.core.models import RateLimit
 
@@ -137,6 +137,34 @@ class FirecrackerClient:
 
     async def resume(self) -> None:
         await self._call("PATCH", "/vm", bodies.vm_state("Resumed"))
+
+    # --- snapshots ------------------------------------------------------------------
+    async def create_snapshot(
+        self, snapshot_path: str, mem_file_path: str, snapshot_type: snapshot_bodies.SnapshotType = "Full"
+    ) -> None:
+        """PUT /snapshot/create (post-boot, the VM Paused): state and memory files."""
+        body = snapshot_bodies.snapshot_create(snapshot_path, mem_file_path, snapshot_type)
+        await self._call("PUT", "/snapshot/create", body)
+
+    async def load_snapshot(
+        self,
+        snapshot_path: str,
+        mem_backend_path: str,
+        *,
+        resume_vm: bool = False,
+        network_overrides: dict[str, str] | None = None,
+        clock_realtime: bool = False,
+    ) -> None:
+        """PUT /snapshot/load on a fresh Firecracker (only logger/metrics configured before):
+        memory from a File backend, TAPs overridden per iface_id."""
+        body = snapshot_bodies.snapshot_load(
+            snapshot_path,
+            mem_backend_path,
+            resume_vm=resume_vm,
+            network_overrides=network_overrides,
+            clock_realtime=clock_realtime,
+        )
+        await self._call("PUT", "/snapshot/load", body)
 
 
 def _fault(response: httpx.Response) -> str:

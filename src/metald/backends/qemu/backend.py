@@ -8,6 +8,7 @@ import logging
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ REBOOT_GRACE_S = 30.0
 POWER_BUTTON_REPEAT_S = 2.0
 EXIT_DRAIN_S = 1.0
 ACCEL_PROBE_DIR = "accel-probe"  # in the run directory: the KVM probe's files
+ArgvHook = Callable[[list[str]], list[str]]
 VERSION_RE = re.compile(r"version (\S+)")
 
 
@@ -143,7 +145,8 @@ class QemuBackend:
 
     # --- lifecycle -----------------------------------------------------------
 
-    async def boot(self, spec: BootSpec) -> dict[str, Any]:
+    async def boot(self, spec: BootSpec, argv_hook: ArgvHook | None = None) -> dict[str, Any]:
+        """Start the VM's QEMU; ``argv_hook`` edits its argv first (restores, see snapshot.py)."""
         old = self._vms.get(spec.vm_id)
         if old is not None and old.alive:
             raise BackendError(f"VM {spec.vm_id} already has a running QEMU (pid {old.handle.pid})")
@@ -158,7 +161,10 @@ class QemuBackend:
             extra_kernel_args=tuple(extra),
             sandbox=self.launcher.sandbox,  # a jail adds its own -sandbox (see jailer/qemu.py)
         )
-        argv, command = await self.launcher.command(spec, build_argv(spec, options), accel)
+        argv = build_argv(spec, options)
+        if argv_hook is not None:
+            argv = argv_hook(argv)
+        argv, command = await self.launcher.command(spec, argv, accel)
         popen = spawn(command, vmm_log_path(spec.run_dir))
         stat = procfs.read_stat(popen.pid)
         vmm = handle.VmmHandle(
