@@ -26,16 +26,18 @@ from metald.core.errors import AlreadyExists
 from metald.core.lifecycle import ACTIVE, ReconcileReport, state_name
 from metald.core.models import NetworkAllocation, VmDraft, VmMetrics, VmState
 from metald.core.operations import (
+    CloneRequest,
     CreateRequest,
     DeleteRequest,
     Operations,
     RebootRequest,
     ShutdownRequest,
+    SnapshotRequest,
 )
 from metald.core.plan import StepObserver
-from metald.core.ports import Backend, Network, Repository
+from metald.core.ports import Backend, Network, Repository, SnapshotStore
 from metald.core.reconcile import Reconciler
-from metald.core.records import VmRecord
+from metald.core.records import SnapshotRecord, VmRecord
 from metald.core.runner import OperationObserver, Runner
 
 __all__ = ["ListPage", "OperationObserver", "ReconcileReport", "VmEngine", "VmView"]
@@ -65,6 +67,7 @@ class VmEngine:
         network: Network | None,
         step_observers: list[StepObserver] | None = None,
         operation_observers: list[OperationObserver] | None = None,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -74,7 +77,7 @@ class VmEngine:
         self.operation_observers: list[OperationObserver] = (
             operation_observers if operation_observers is not None else []
         )
-        self.ctx = Context(settings, store, backend, network, self.step_observers)
+        self.ctx = Context(settings, store, backend, network, self.step_observers, snapshots)
         self.runner = Runner(self.ctx, self.operation_observers)
         self.operations = Operations(self.ctx)
         self.reconciler = Reconciler(self.ctx, self.runner, self.operations)
@@ -103,6 +106,14 @@ class VmEngine:
 
     async def delete(self, vm_id: str, force: bool) -> None:
         await self.runner.run(self.operations.delete, vm_id, DeleteRequest(force))
+
+    async def snapshot(self, vm_id: str, snapshot_id: str, name: str, stop: bool) -> SnapshotRecord:
+        return await self.runner.run(self.operations.snapshot, vm_id, SnapshotRequest(snapshot_id, name, stop))
+
+    async def clone(self, vm_id: str, request: CloneRequest) -> VmRecord:
+        if self.store.get_vm(vm_id) is not None:
+            raise AlreadyExists(f"vm {vm_id} already exists")
+        return await self.runner.run(self.operations.clone, vm_id, request)
 
     # --- start-up --------------------------------------------------------------
     async def start(self) -> ReconcileReport:

@@ -41,6 +41,10 @@ class Unavailable(MetaldError):
     pass
 
 
+class Unimplemented(MetaldError):
+    """The backend in use does not offer this (e.g. snapshots on Firecracker)."""
+
+
 class BackendError(MetaldError):
     """The VMM or a host facility refused or failed an operation."""
 

@@ -176,6 +176,11 @@ class FirecrackerBackend:
         """None: each Firecracker is adopted on its own (``adopt`` asks its API)."""
         return None
 
+    def snapshotter(self) -> None:
+        """None: the client has the snapshot calls (client.py) but the test double
+        does not serve them yet; the snapshot RPCs answer unimplemented."""
+        return None
+
     def adopt_error(self, vm_id: str) -> str | None:
         return self._adopt_errors.get(vm_id)
 
