@@ -22,6 +22,7 @@ from metald.config import Settings
 from metald.core.engine import VmEngine
 from metald.core.ports import Network
 from metald.limits import raise_nofile_limit
+from metald.store.snapshots import SnapshotRepository
 from metald.store.sqlite import Store
 
 if TYPE_CHECKING:
@@ -70,7 +71,9 @@ async def build(settings: Settings, tls: ServerTls | None = None) -> Daemon:
         from metald.network.manager import NetworkManager
 
         network = NetworkManager(settings, store)
-    engine = VmEngine(settings, store, backend, network)
+    snapshots = SnapshotRepository(settings.db_path, settings.data_dir / "snapshots")
+    snapshots.sweep()  # pending snapshots (a save cut short) and directories without a row
+    engine = VmEngine(settings, store, backend, network, snapshots=snapshots)
     metrics: Metrics | None = None
     tracing: Tracing | None = None
     if settings.otel_enabled:  # imported only when enabled
@@ -130,6 +133,8 @@ async def run(settings: Settings) -> None:
         await daemon.engine.close()
         if daemon.engine.network is not None:  # host veths of VMs just deleted, still being destroyed
             await daemon.engine.network.settle(SETTLE_AT_SHUTDOWN_SECONDS)
+        if daemon.engine.ctx.snapshots is not None:
+            daemon.engine.ctx.snapshots.close()
         daemon.store.close()
         if tls is not None:
             await tls.close()

@@ -1,5 +1,5 @@
 """The ASGI application: health routes, a request-size cap, then ConnectRPC
-(Connect JSON/binary and gRPC) for VmService."""
+(Connect JSON/binary and gRPC) for VmService and SnapshotService."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Any
 from metald.api.auth import DEV_HEADER, Authorizer, caller_var
 from metald.api.health import Health
 from metald.api.service import VmServiceImpl
+from metald.api.snapshots import SnapshotServiceImpl
+from metald.gen.metal.vmprovisioner.v1.snapshots_connect import SnapshotServiceASGIApplication
 from metald.gen.metal.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 
 Scope = dict[str, Any]
@@ -69,6 +71,7 @@ class MetaldApp:
         peer_identity: PeerIdentity | None = None,
     ) -> None:
         self.connect = VmServiceASGIApplication(service, read_max_bytes=max_request_bytes)
+        self.snapshots = SnapshotServiceASGIApplication(SnapshotServiceImpl(service), read_max_bytes=max_request_bytes)
         self.health = health
         self.max_request_bytes = max_request_bytes
         self.authorizer = authorizer or Authorizer(service.settings)
@@ -104,7 +107,8 @@ class MetaldApp:
         token = caller_var.set(caller)
         tracker = _BodyTracker(receive)
         try:
-            await self.connect(scope, tracker.receive, send)
+            app = self.snapshots if path.startswith(self.snapshots.path + "/") else self.connect
+            await app(scope, tracker.receive, send)
         finally:
             caller_var.reset(token)
         await tracker.drain(DRAIN_FACTOR * self.max_request_bytes)
