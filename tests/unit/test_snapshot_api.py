@@ -92,3 +92,28 @@ def test_without_the_capability_the_rpcs_are_unimplemented(tmp_path: Path) -> No
         r = call(srv, A, SNAPS + "SnapshotVm", {"vmId": "u1"})
         assert r.json()["code"] == "unimplemented" and "fake backend" in r.json()["message"]
         assert call(srv, A, SNAPS + "ListSnapshots", {}).json()["code"] == "unimplemented"
+
+
+def test_cli_snapshot_clone_list_and_rm(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from metald.cli.main import main
+
+    running_vm(server, "cli-tpl")
+    assert main(["vm", "--server", server.url, "snapshot", "cli-tpl", "--name", "base"]) == 0
+    sid = capsys.readouterr().out.strip()
+    assert sid.startswith("snap-")
+    assert main(["vm", "--server", server.url, "create", "--from-snapshot", sid, "--id", "cli-k", "--boot"]) == 0
+    assert capsys.readouterr().out.split() == ["cli-k", "RUNNING"]
+    assert main(["snapshot", "--server", server.url, "--json", "list"]) == 0
+    listed = json.loads(capsys.readouterr().out)["snapshots"]
+    assert [(s["snapshotId"], s["usedByVmIds"]) for s in listed] == [(sid, ["cli-k"])]
+    assert main(["snapshot", "--server", server.url, "info", sid]) == 0
+    assert "cli-tpl" in capsys.readouterr().out
+    assert main(["snapshot", "--server", server.url, "rm", sid]) == 1  # in use
+    assert "failed_precondition" in capsys.readouterr().err
+    assert main(["vm", "--server", server.url, "snapshot", "cli-tpl", "--stop"]) == 0
+    assert server.store.get_vm("cli-tpl").state == 4  # SHUTDOWN (hibernated)
+    capsys.readouterr()
+    assert main(["vm", "--server", server.url, "boot", "cli-tpl"]) == 0
+    assert "RUNNING" in capsys.readouterr().out
