@@ -58,9 +58,10 @@ SUITE = [
     # these write their own marked sections of RESULTS.md (kept by keep_sections)
     ("snapshots", "bench.snapshots", [], 1800),
     ("events", "bench.events", [], 1200),
+    ("snapshots_api", "bench.snapshots_api", [], 1800),
 ]
 
-SECTION = re.compile(r"<!-- (?P<name>[a-z_]+):begin -->.*?<!-- (?P=name):end -->\n?", re.S)
+SECTION = re.compile(r"<!-- (?P<name>[a-z_-]+):begin -->.*?<!-- (?P=name):end -->\n?", re.S)
 
 
 def keep_sections(new: str, old: str) -> str:

@@ -23,6 +23,7 @@ from metald.core.ports import Network
 from metald.limits import raise_nofile_limit
 from metald.recovery import orphans
 from metald.recovery.orphans import OrphanWatch
+from metald.store.snapshots import SnapshotRepository
 from metald.store.sqlite import Store
 from metald.store.storage import StorageMonitor, open_store
 from metald.store.storage import install as install_storage_monitor
@@ -84,7 +85,11 @@ async def build(settings: Settings, tls: ServerTls | None = None) -> Daemon:
     def orphan_scan(known: set[str]) -> orphans.Orphans:
         return orphans.scan(settings, known, orphans.store_is_empty(store))
 
-    engine = VmEngine(settings, store, backend, network, images=VmImages(settings), orphan_scan=orphan_scan)
+    snapshots = SnapshotRepository(settings.db_path, settings.data_dir / "snapshots")
+    snapshots.sweep()  # pending snapshots (a save cut short) and directories without a row
+    engine = VmEngine(
+        settings, store, backend, network, images=VmImages(settings), orphan_scan=orphan_scan, snapshots=snapshots
+    )
     metrics: Metrics | None = None
     tracing: Tracing | None = None
     if settings.otel_enabled:  # imported only when enabled
@@ -157,6 +162,8 @@ async def run(settings: Settings) -> None:
         await daemon.engine.close()
         if daemon.engine.network is not None:  # host veths of VMs just deleted, still being destroyed
             await daemon.engine.network.settle(SETTLE_AT_SHUTDOWN_SECONDS)
+        if daemon.engine.ctx.snapshots is not None:
+            daemon.engine.ctx.snapshots.close()
         daemon.store.close()
         if tls is not None:
             await tls.close()

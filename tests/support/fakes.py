@@ -9,18 +9,20 @@ a real backend. Real-VMM behaviour is covered by the QEMU end-to-end tests.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
-from metald.core.errors import BackendError, InvalidArgument
-from metald.core.models import BootSpec, NetworkAllocation, VmMetrics
+from metald.core.errors import BackendError, FailedPrecondition, InvalidArgument
+from metald.core.models import BootSpec, Drive, NetworkAllocation, VmMetrics
 from metald.core.plan import FuncStep, Step
-from metald.core.ports import BackendLimits, ExitCallback, IdentityAdopter, RunState
+from metald.core.ports import BackendLimits, ExitCallback, IdentityAdopter, RunState, SavedSnapshot, Snapshotter
 
 
 class FakeBackend:
     name = "fake"
 
-    def __init__(self, identity_adoption: bool = False) -> None:
+    def __init__(self, identity_adoption: bool = False, snapshots: bool = True) -> None:
         self.calls: list[tuple[str, str]] = []
         self.running: dict[str, str] = {}  # vm_id -> "running" | "paused"
         self.fail: set[str] = set()  # operation names that raise BackendError
@@ -29,6 +31,7 @@ class FakeBackend:
         self.jails: set[str] = set()  # VMs with a jail (made at boot, kept while SHUTDOWN)
         self.discarded: list[str] = []
         self.identity_adoption = identity_adoption
+        self.snapshots = FakeSnapshotter(self) if snapshots else None
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self.callback = callback
@@ -138,6 +141,9 @@ class FakeBackend:
 
     def warmer(self) -> None:
         return None
+
+    def snapshotter(self) -> Snapshotter | None:
+        return self.snapshots
 
     async def adopt_many(self, items: list[tuple[BootSpec, dict[str, Any]]]) -> set[str]:
         self.calls.append(("adopt_many", ",".join(spec.vm_id for spec, _ in items)))
@@ -251,3 +257,53 @@ class FakeNetwork:
         forwards = tuple(self._pf(**p) for p in data.get("port_forwards", ()))
         dns = tuple(data["dns_servers"])
         return self._alloc_type(**{**data, "port_forwards": forwards, "dns_servers": dns})
+
+
+class FakeSnapshotter:
+    """Snapshots as small files: a manifest naming the source's vCPUs, memory and
+    drives. ``backend.fail`` may name "save", "restore", "clone_drives"."""
+
+    def __init__(self, backend: FakeBackend) -> None:
+        self.backend = backend
+
+    async def save(self, spec: BootSpec, directory: Path, stop: bool) -> SavedSnapshot:
+        if self.backend.running.get(spec.vm_id) not in ("running", "paused"):
+            raise FailedPrecondition(f"the guest of {spec.vm_id} is not running or paused")
+        directory.mkdir()
+        try:
+            self.backend._call("save", spec.vm_id)
+        except BaseException:
+            directory.rmdir()
+            raise
+        manifest = {"vcpu_count": spec.vcpu_count, "memory_bytes": spec.memory_bytes,
+                    "drives": [d.drive_id for d in spec.drives]}  # fmt: skip
+        (directory / "snapshot.json").write_text(json.dumps(manifest))
+        if stop:
+            self.backend.running.pop(spec.vm_id, None)
+        return SavedSnapshot(manifest, 10, 20, 0.0)
+
+    def check_restorable(self, directory: Path, spec: BootSpec) -> None:
+        manifest = json.loads((directory / "snapshot.json").read_text())
+        if spec.vcpu_count != manifest["vcpu_count"]:
+            raise InvalidArgument("config.cpu.vcpu_count", "differs from the snapshot")
+
+    def clone_drives(self, directory: Path, dest: Path) -> tuple[Drive, ...]:
+        self.backend._call("clone_drives", dest.name)
+        manifest = json.loads((directory / "snapshot.json").read_text())
+        dest.mkdir(parents=True, exist_ok=True)
+        drives = []
+        for drive_id in manifest["drives"]:
+            (dest / f"{drive_id}.qcow2").write_bytes(b"overlay")
+            drives.append(Drive(drive_id, dest / f"{drive_id}.qcow2", False, drive_id == "rootfs"))
+        return tuple(drives)
+
+    async def restore(self, spec: BootSpec, directory: Path, *, clone: bool) -> dict[str, Any]:
+        self.check_restorable(directory, spec)
+        self.backend._call("restore_clone" if clone else "restore", spec.vm_id)
+        self.backend.running[spec.vm_id] = "running"
+        self.backend.jails.add(spec.vm_id)
+        return {"pid": 1, "fake": True, "restored": True}
+
+    async def boot_clone(self, spec: BootSpec) -> dict[str, Any]:
+        self.backend._call("boot_clone", spec.vm_id)
+        return await self.backend.boot(spec)

@@ -20,6 +20,7 @@ from metald.api.tls import open_tls
 from metald.config import Settings
 from metald.core.engine import VmEngine
 from metald.core.lifecycle import ReconcileReport
+from metald.store.snapshots import SnapshotRepository
 from metald.store.sqlite import Store
 from metald.streams.hub import EventHub
 
@@ -87,7 +88,9 @@ def serve_in_thread(
     async def main() -> None:
         server_tls = await open_tls(settings) if tls else None
         holder["tls"] = server_tls
-        engine = VmEngine(settings, store, backend, network)
+        snapshots = SnapshotRepository(settings.db_path, settings.data_dir / "snapshots")
+        snapshots.sweep()
+        engine = VmEngine(settings, store, backend, network, snapshots=snapshots)
         holder["engine"] = engine
         hub = holder["hub"] = EventHub(store, settings)
         await hub.start()
@@ -123,6 +126,7 @@ def serve_in_thread(
         await task
         if server_tls is not None:
             await server_tls.close()
+        snapshots.close()
         if on_stop is not None:
             await on_stop()
 

@@ -1,6 +1,6 @@
 """The ASGI application: health routes, a request-size cap, caller identity, then
 ConnectRPC (Connect JSON/binary, gRPC, gRPC-Web) for each mounted service:
-VmService, the streaming EventService (api/events.py), grpc.health.v1.Health and
+VmService, SnapshotService, the streaming EventService (api/events.py), grpc.health.v1.Health and
 gRPC server reflection (v1, v1alpha)."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from typing import Any
 from metald.api.auth import Authorizer, Caller, caller_var
 from metald.api.health import Health
 from metald.api.service import VmServiceImpl
+from metald.api.snapshots import SnapshotServiceImpl
 from metald.api.standard import Services, standard_apps
+from metald.gen.metal.vmprovisioner.v1.snapshots_connect import SnapshotServiceASGIApplication
 from metald.gen.metal.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class MetaldApp:
         self.services = Services()
         self.routes: dict[str, Any] = {}
         self.mount(VmServiceASGIApplication(service, read_max_bytes=max_request_bytes))
+        self.mount(SnapshotServiceASGIApplication(SnapshotServiceImpl(service), read_max_bytes=max_request_bytes))
         if events is not None:
             self.mount(events)
         for app in standard_apps(self._ready, self.services):

@@ -20,6 +20,7 @@ _CODES: list[tuple[type[Exception], Code]] = [
     (e.PermissionDenied, Code.PERMISSION_DENIED),
     (e.Unauthenticated, Code.UNAUTHENTICATED),
     (e.Unavailable, Code.UNAVAILABLE),
+    (e.Unimplemented, Code.UNIMPLEMENTED),
     (e.BackendError, Code.UNAVAILABLE),
 ]
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from metald.cli import snapshots
 from metald.config import ConfigError, Settings, load_settings
 
 DEFAULT_SERVER = os.environ.get("METALD_SERVER", "http://127.0.0.1:8080")
@@ -134,6 +135,10 @@ def _state_response(args: argparse.Namespace, vm_id: str, response: Any) -> None
 
 def cmd_vm_create(args: argparse.Namespace) -> int:
     pb = _pb()
+    if args.from_snapshot:
+        vm_id, state = snapshots.clone(args)
+        _state_response(args, vm_id, pb.CreateVmResponse(vm_id=vm_id, state=state))
+        return 0
     config = pb.VmConfig(
         cpu=pb.CpuConfig(vcpu_count=args.vcpus),
         memory=pb.MemoryConfig(size_bytes=_size(args.memory)),
@@ -316,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image", help="container image to run (registry/repo:tag); see docs/images.md")
     c.add_argument("--env", action="append", help="NAME=VALUE for the image's workload, repeatable")
     c.add_argument("--boot", action="store_true", help="boot it right away")
+    c.add_argument("--from-snapshot", metavar="SNAPSHOT", help="a clone of the snapshot (its config wins)")
     c.set_defaults(func=cmd_vm_create)
+    snapshots.add_vm_snapshot(vsub)
 
     for name, rpc, req in (
         ("boot", "boot_vm", "BootVmRequest"),
@@ -354,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     from metald.cli import images
 
     images.add_parser(sub)
+
+    snapshots.add_snapshot_commands(sub, DEFAULT_SERVER)
     return parser
 
 

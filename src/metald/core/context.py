@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from metald.config import Settings
-from metald.core.errors import BackendError, MetaldError, NotFound
+from metald.core.errors import BackendError, MetaldError, NotFound, Unimplemented
 from metald.core.imageport import ImagePort
 from metald.core.layout import VmLayout
 from metald.core.lifecycle import plain_files, state_name
 from metald.core.models import BootSpec, NetworkAllocation, VmState
 from metald.core.plan import Plan, Step, StepObserver
-from metald.core.ports import Backend, Network, Repository
+from metald.core.ports import Backend, Network, Repository, SnapshotStore, Snapshotter
 from metald.core.records import VmRecord
 from metald.core.specs import boot_spec, draft_from_dict
 
@@ -47,6 +47,7 @@ class Context:
         network: Network | None,
         step_observers: list[StepObserver],
         images: ImagePort | None = None,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.settings = settings
         self.images = images  # container images as root disks (metald.images)
@@ -55,6 +56,22 @@ class Context:
         self.network = network
         self.step_observers = step_observers
         self.layout = VmLayout.from_settings(settings)
+        self.snapshots = snapshots
+        self._snapshotter = backend.snapshotter()
+
+    # --- snapshots (optional) ----------------------------------------------------
+    def snapshot_ports(self) -> tuple[Snapshotter, SnapshotStore]:
+        """The backend's snapshotter and the snapshot store, or Unimplemented naming
+        the backend (Firecracker: its test double does not serve snapshots yet)."""
+        if self._snapshotter is None:
+            raise Unimplemented(f"snapshots are not available on the {self.backend.name} backend")
+        if self.snapshots is None:
+            raise Unimplemented("snapshots are not configured (no snapshot store)")
+        return self._snapshotter, self.snapshots
+
+    def disks_dir(self, vm_id: str) -> Path:
+        """A clone's own drives (copy-on-write overlays on its snapshot's disks)."""
+        return self.settings.data_dir / "disks" / vm_id
 
     # --- reading a VM ----------------------------------------------------------
     def plan(self, name: str, steps: Sequence[Step]) -> Plan:

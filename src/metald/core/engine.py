@@ -27,16 +27,18 @@ from metald.core.imageport import ImagePort
 from metald.core.lifecycle import ACTIVE, ReconcileReport, state_name
 from metald.core.models import NetworkAllocation, VmDraft, VmMetrics, VmState
 from metald.core.operations import (
+    CloneRequest,
     CreateRequest,
     DeleteRequest,
     Operations,
     RebootRequest,
     ShutdownRequest,
+    SnapshotRequest,
 )
 from metald.core.plan import StepObserver
-from metald.core.ports import Backend, Network, OrphanScan, Repository
+from metald.core.ports import Backend, Network, OrphanScan, Repository, SnapshotStore
 from metald.core.reconcile import Reconciler
-from metald.core.records import VmRecord
+from metald.core.records import SnapshotRecord, VmRecord
 from metald.core.runner import OperationObserver, Runner
 
 __all__ = ["ListPage", "OperationObserver", "ReconcileReport", "VmEngine", "VmView"]
@@ -68,6 +70,7 @@ class VmEngine:
         operation_observers: list[OperationObserver] | None = None,
         images: ImagePort | None = None,
         orphan_scan: OrphanScan | None = None,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.settings = settings
         self.images = images  # container images as root disks (metald.images)
@@ -78,7 +81,9 @@ class VmEngine:
         self.operation_observers: list[OperationObserver] = (
             operation_observers if operation_observers is not None else []
         )
-        self.ctx = Context(settings, store, backend, network, self.step_observers, images)
+        self.ctx = Context(
+            settings, store, backend, network, self.step_observers, images=images, snapshots=snapshots
+        )
         self.runner = Runner(self.ctx, self.operation_observers)
         self.operations = Operations(self.ctx)
         self.reconciler = Reconciler(self.ctx, self.runner, self.operations, orphan_scan)
@@ -107,6 +112,14 @@ class VmEngine:
 
     async def delete(self, vm_id: str, force: bool) -> None:
         await self.runner.run(self.operations.delete, vm_id, DeleteRequest(force))
+
+    async def snapshot(self, vm_id: str, snapshot_id: str, name: str, stop: bool) -> SnapshotRecord:
+        return await self.runner.run(self.operations.snapshot, vm_id, SnapshotRequest(snapshot_id, name, stop))
+
+    async def clone(self, vm_id: str, request: CloneRequest) -> VmRecord:
+        if self.store.get_vm(vm_id) is not None:
+            raise AlreadyExists(f"vm {vm_id} already exists")
+        return await self.runner.run(self.operations.clone, vm_id, request)
 
     # --- start-up --------------------------------------------------------------
     async def start(self) -> ReconcileReport:

@@ -48,6 +48,10 @@ class Unavailable(MetaldError):
     code: ClassVar[str] = "unavailable"
 
 
+class Unimplemented(MetaldError):
+    """The backend in use does not offer this (e.g. snapshots on Firecracker)."""
+
+
 class BackendError(MetaldError):
     """The VMM or a host facility refused or failed an operation."""
 

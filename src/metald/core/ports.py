@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from metald.core.models import BootSpec, NetworkAllocation, NicRequest, VmMetrics
+from metald.core.models import BootSpec, Drive, NetworkAllocation, NicRequest, VmMetrics
 from metald.core.plan import Step
-from metald.core.records import Intent, VmRecord
+from metald.core.records import Intent, SnapshotRecord, VmRecord
 
 # Called by a backend when a VMM exits on its own: (vm_id, reason).
 ExitCallback = Callable[[str, str], None]
@@ -157,6 +158,50 @@ class WarmUp(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class SavedSnapshot:
+    """What a backend wrote into a snapshot directory (every file durable)."""
+
+    manifest: dict[str, Any]
+    state_bytes: int  # memory and device state, as stored
+    disk_bytes: int  # the drive copies
+    stopped_s: float  # how long the guest did not run
+
+
+class Snapshotter(Protocol):
+    """Optional: save a guest (memory, devices, disks) and start VMs from it.
+
+    Offered by ``Backend.snapshotter()`` (read once); without it the snapshot
+    RPCs answer ``unimplemented`` naming the backend.
+    """
+
+    async def save(self, spec: BootSpec, directory: Path, stop: bool) -> SavedSnapshot:
+        """Write the snapshot into ``directory`` (created here). ``stop``: the VMM
+        quits once the files are durable. On failure the directory is gone and
+        the guest is as it was."""
+        ...
+
+    def check_restorable(self, directory: Path, spec: BootSpec) -> None:
+        """Raise InvalidArgument (naming the field) or FailedPrecondition if
+        ``spec`` cannot start from the snapshot."""
+        ...
+
+    def clone_drives(self, directory: Path, dest: Path) -> tuple[Drive, ...]:
+        """Copy-on-write drives in ``dest`` backed by the snapshot's disk copies."""
+        ...
+
+    async def restore(self, spec: BootSpec, directory: Path, *, clone: bool) -> dict[str, Any]:
+        """Start the VM's VMM from the snapshot; returns its handle. ``clone``: the
+        guest takes the spec's identity (id, hostname, address) and confirms it;
+        else (a hibernated VM resuming) it gets a clock and a seed. On failure
+        no VMM is left."""
+        ...
+
+    async def boot_clone(self, spec: BootSpec) -> dict[str, Any]:
+        """Cold-boot a clone whose drives come from :meth:`clone_drives`."""
+        ...
+
+
 class Backend(VmmLifecycle, VmmRecovery, JailKeeper, Protocol):
     """A VMM backend (QEMU, Firecracker): every contract above, plus its options."""
 
@@ -166,6 +211,10 @@ class Backend(VmmLifecycle, VmmRecovery, JailKeeper, Protocol):
 
     def warmer(self) -> WarmUp | None:
         """The background warm-up this backend needs after start, if any (None: nothing to do)."""
+        ...
+
+    def snapshotter(self) -> Snapshotter | None:
+        """Snapshots of this backend's guests, if it can take them (read once)."""
         ...
 
 
@@ -302,3 +351,55 @@ class OrphanScan(Protocol):
     sweeps nothing. Without a scan (unit tests) the sweep always runs."""
 
     def __call__(self, known: set[str]) -> Orphans: ...
+
+
+class SnapshotStore(Protocol):
+    """Snapshot rows and their directories (implemented by metald.store.snapshots).
+
+    A row is pending from :meth:`begin` until :meth:`complete`; only complete
+    rows are returned; pending ones are removed at start (``sweep``).
+    """
+
+    def begin(
+        self,
+        snapshot_id: str,
+        *,
+        name: str,
+        source_vm_id: str,
+        customer_id: str,
+        config: bytes,
+        spec: dict[str, Any],
+        purpose: Literal["snapshot", "hibernation"] = "snapshot",
+    ) -> Path:
+        """Record a pending snapshot; return the directory to write (not created)."""
+        ...
+
+    def complete(
+        self, snapshot_id: str, manifest: dict[str, Any], state_bytes: int, disk_bytes: int
+    ) -> SnapshotRecord: ...
+
+    def abort(self, snapshot_id: str) -> None:
+        """Forget a pending snapshot and its directory (the undo of ``begin``)."""
+        ...
+
+    def directory(self, snapshot_id: str) -> Path: ...
+
+    def get(self, snapshot_id: str, customer_id: str | None = None) -> SnapshotRecord:
+        """A complete snapshot; NotFound for pending ones and other customers'."""
+        ...
+
+    def list_snapshots(
+        self, customer_id: str | None = None, source_vm_id: str | None = None, after_seq: int = 0, limit: int = 1000
+    ) -> list[SnapshotRecord]: ...
+
+    def add_user(self, vm_id: str, snapshot_id: str) -> None: ...
+
+    def remove_user(self, vm_id: str) -> None: ...
+
+    def users(self, snapshot_id: str) -> list[str]: ...
+
+    def delete(self, snapshot_id: str, customer_id: str | None = None, force: bool = False) -> None:
+        """FailedPrecondition while in use, unless ``force``."""
+        ...
+
+    def close(self) -> None: ...

@@ -42,3 +42,31 @@ class Intent:
 
 class DuplicateVm(Exception):
     """The repository already holds a VM with this id."""
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """One stored snapshot (rows of ``metald.store.snapshots``)."""
+
+    seq: int
+    snapshot_id: str
+    name: str
+    source_vm_id: str
+    customer_id: str
+    state: str  # 'pending' | 'complete'
+    purpose: str  # 'snapshot' | 'hibernation'
+    config: bytes  # the source VM's VmConfig protobuf when it was taken
+    spec: dict[str, Any]  # the source VM's VmDraft (metald.core.specs)
+    manifest: dict[str, Any]  # the backend's manifest
+    state_bytes: int
+    disk_bytes: int
+    created_at: int
+    completed_at: int | None
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "complete"
+
+    @property
+    def size_bytes(self) -> int:
+        return self.state_bytes + self.disk_bytes

@@ -30,11 +30,11 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from metald.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from metald.core.records import SnapshotRecord
 
 log = logging.getLogger(__name__)
 
@@ -47,30 +47,7 @@ COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
-class SnapshotRow:
-    seq: int
-    snapshot_id: str
-    name: str
-    source_vm_id: str
-    customer_id: str
-    state: str  # 'pending' | 'complete'
-    purpose: str  # 'snapshot' | 'hibernation'
-    config: bytes  # the source VM's VmConfig protobuf when it was taken
-    spec: dict[str, Any]  # the source VM's VmDraft (metald.core.specs)
-    manifest: dict[str, Any]  # the backend's manifest (e.g. qemu SnapshotManifest)
-    state_bytes: int
-    disk_bytes: int
-    created_at: int
-    completed_at: int | None
-
-    @property
-    def complete(self) -> bool:
-        return self.state == "complete"
-
-    @property
-    def size_bytes(self) -> int:
-        return self.state_bytes + self.disk_bytes
+SnapshotRow = SnapshotRecord  # the core's type (metald.core.records)
 
 
 def _row(r: Sequence[Any]) -> SnapshotRow:

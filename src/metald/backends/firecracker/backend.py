@@ -186,6 +186,10 @@ class FirecrackerBackend:
 
     def warmer(self) -> None:
         """None: Firecracker needs KVM from the start, nothing to probe in the background."""
+
+    def snapshotter(self) -> None:
+        """None: the client has the snapshot calls (client.py) but the test double
+        does not serve them yet; the snapshot RPCs answer unimplemented."""
         return None
 
     def adopt_error(self, vm_id: str) -> str | None:

@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metald.backends import procfs
 from metald.backends.process import ProcessWatch, spawn
@@ -37,6 +37,9 @@ from metald.core.layout import VmLayout
 from metald.core.models import BootSpec, VmMetrics
 from metald.core.ports import BackendLimits, ExitCallback, IdentityAdopter, RunState, WarmUp
 from metald.jailer.jailer import Jailer
+
+if TYPE_CHECKING:
+    from metald.backends.qemu.snapshotter import QemuSnapshotter
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,7 @@ class QemuBackend:
         self._consoles = console.LogCap(settings.console_log_max_bytes, self._logs)
         self._tasks: set[asyncio.Task[None]] = set()
         self._adopt_errors: dict[str, str] = {}  # vm_id -> why the last adopt() said no
+        self._snapshotter: QemuSnapshotter | None = None
         self.accel = AccelChooser(
             settings.qemu_accel,
             settings.run_dir / "qemu-accel.json",
@@ -259,6 +263,14 @@ class QemuBackend:
     def warmer(self) -> WarmUp:
         """QEMU probes KVM in the background from start (:meth:`warm_up`)."""
         return self
+
+    def snapshotter(self) -> QemuSnapshotter:
+        """Snapshots, restores and clones (backends/qemu/snapshot.py)."""
+        if self._snapshotter is None:
+            from metald.backends.qemu.snapshotter import QemuSnapshotter  # it imports this module
+
+            self._snapshotter = QemuSnapshotter(self)
+        return self._snapshotter
 
     @property
     def tap_owner(self) -> tuple[int, int] | None:
@@ -633,6 +645,8 @@ class QemuBackend:
         return metrics
 
     async def close(self) -> None:
+        if self._snapshotter is not None:
+            await self._snapshotter.close()
         await self._consoles.close()
         for task in list(self._tasks):
             task.cancel()

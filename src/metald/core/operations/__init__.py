@@ -7,16 +7,19 @@ from typing import Any
 from metald.core.context import Context
 from metald.core.operations.base import Operation, Planned, Recovery
 from metald.core.operations.boot import Boot
+from metald.core.operations.clone import Clone, CloneRequest
 from metald.core.operations.create import Create, CreateRequest
 from metald.core.operations.delete import Delete, DeleteRequest
 from metald.core.operations.pause import Pause
 from metald.core.operations.reboot import Reboot, RebootRequest
 from metald.core.operations.resume import Resume
 from metald.core.operations.shutdown import Shutdown, ShutdownRequest
+from metald.core.operations.snapshot import Snapshot, SnapshotRequest
 
 __all__ = [
-    "Boot", "Create", "CreateRequest", "Delete", "DeleteRequest", "Operation", "Operations", "Pause",
-    "Planned", "Reboot", "RebootRequest", "Recovery", "Resume", "Shutdown", "ShutdownRequest",
+    "Boot", "Clone", "CloneRequest", "Create", "CreateRequest", "Delete", "DeleteRequest", "Operation",
+    "Operations", "Pause", "Planned", "Reboot", "RebootRequest", "Recovery", "Resume", "Shutdown",
+    "ShutdownRequest", "Snapshot", "SnapshotRequest",
 ]  # fmt: skip
 
 
@@ -31,7 +34,10 @@ class Operations:
         self.shutdown = Shutdown(ctx)
         self.reboot = Reboot(ctx)
         self.delete = Delete(ctx)
+        self.snapshot = Snapshot(ctx)
+        self.clone = Clone(ctx)
         everything: list[Operation[Any, Any]] = [
             self.create, self.boot, self.pause, self.resume, self.shutdown, self.reboot, self.delete,
+            self.snapshot, self.clone,
         ]  # fmt: skip
         self.by_name = {op.name: op for op in everything}

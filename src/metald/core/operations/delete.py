@@ -83,6 +83,7 @@ class Delete(Operation[DeleteRequest, None]):
         async def forget() -> None:
             ctx.store.delete_vm(vm_id)  # also frees its addresses and its intent
             shutil.rmtree(trash, ignore_errors=True)
+            forget_snapshot_use(ctx, vm_id)
             try:
                 await ctx.backend.cleanup(vm_id)  # drop the backend's memory of it
             except Exception:
@@ -131,6 +132,7 @@ async def teardown(ctx: Context, row: VmRecord) -> None:
 
     async def forget() -> None:
         ctx.store.delete_vm(vm_id)
+        forget_snapshot_use(ctx, vm_id)
 
     steps: list[Step] = [FuncStep("vmm", vmm)]
     if network is not None:
@@ -139,3 +141,10 @@ async def teardown(ctx: Context, row: VmRecord) -> None:
         steps.append(FuncStep("release", release))
     steps += [FuncStep("files", remove_files), FuncStep("record", forget)]
     await ctx.plan("reconcile.teardown", steps).run()
+
+
+def forget_snapshot_use(ctx: Context, vm_id: str) -> None:
+    """A deleted clone's overlays go, and no snapshot is in use by the VM any more."""
+    shutil.rmtree(ctx.disks_dir(vm_id), ignore_errors=True)
+    if ctx.snapshots is not None:
+        ctx.snapshots.remove_user(vm_id)
