@@ -21,6 +21,13 @@ METALD_CLI = str(Path(sys.executable).parent / "metald")
 VM = "demo-ctrlc"
 
 
+def _terminal_signals() -> None:
+    """SIGINT as a terminal's shell gives it. A background job of a non-interactive shell (the
+    suite runs pytest as one) starts with SIGINT ignored, and bash cannot trap a signal that was
+    ignored when it started, so `make run` would never see the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.vm
 def test_ctrl_c_during_the_demo_boot_deletes_the_demo_vm(
     tmp_path: Path, require_isolated: None, require_image: Path
@@ -30,7 +37,8 @@ def test_ctrl_c_during_the_demo_boot_deletes_the_demo_vm(
     env = {**d.env, "DEMO_VM_ID": VM}
     out = (tmp_path / "run.out").open("wb")
     run = subprocess.Popen(["bash", str(ROOT / "scripts" / "run.sh"), METALD_CLI], env=env, cwd=ROOT,
-                           stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                           stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                           preexec_fn=_terminal_signals)
     try:
         # wait until the demo has created its VM and started booting it
         deadline = time.monotonic() + 120

@@ -151,16 +151,21 @@ def test_restart_changes_no_rule_and_no_device(daemon: DaemonProcess) -> None:
                                                             "memory": {"sizeBytes": str(128 << 20)}}})
     daemon.rpc("BootVm", {"vmId": "keep-net"})
     daemon.wait_console("keep-net", "METALD_GUEST_READY")
+    tap = daemon.rpc("GetVmInfo", {"vmId": "keep-net"})["networkInfo"]["tapDevice"]
 
     def state() -> tuple[str, str, str]:
         def run(*argv: str) -> str:
             return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
 
+        # this VM's veth and the bridges (an earlier test's namespaces may still be going away)
+        mine = ("vh_" + tap.removeprefix("tap_"), "br-vms", "lo")
         links = "\n".join(sorted(line.split(":", 2)[1] + line.split(":", 2)[2].split("link/")[0]
-                                 for line in run("ip", "-o", "link").splitlines()))
+                                 for line in run("ip", "-o", "link").splitlines()
+                                 if line.split(":", 2)[1].strip().split("@")[0].startswith(mine)))
         return links, run("nft", "-s", "list", "ruleset"), run("ip", "netns", "exec", "fc-keep-net", "ip", "-d", "link")
 
     before = state()
+    assert "vh_" in before[0] and "br-vms" in before[0], before[0]
     assert daemon.stop() == 0
     daemon.start()
     assert daemon.state("keep-net") == "VM_STATE_RUNNING"
